@@ -1,0 +1,140 @@
+"""Router semantics of every supported architecture, as plain PyTorch on router logits.
+
+The transformers router modules compute routing from hidden states; pruning needs more than
+that: the full score distribution (soft-activation criteria), and the routing a layer *would*
+produce if some experts were removed (NAEE's reconstruction error, GRAPE's re-routing costs).
+Both only need the router logits, so everything here is a function of logits plus a
+:class:`RoutingSpec` that an architecture adapter reads off the model config.
+
+Removing expert ``e`` from a layer is exactly equivalent to setting its logit to ``-inf``
+before routing (for sigmoid routers: excluding it from the choice), which is what ``keep``
+implements. Tests check this equivalence against real surgery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["RoutingSpec", "routing_scores", "route", "dense_routing_weights"]
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """How one MoE layer turns router logits into (expert ids, weights).
+
+    Attributes:
+        top_k: experts chosen per token.
+        score_fn: ``"softmax"`` (Mixtral, Qwen, OLMoE, DeepSeek-V2) or ``"sigmoid"`` (DeepSeek-V3).
+        topk_before_softmax: GPT-OSS: choose the top-k *logits*, then softmax over those k.
+        renormalize: divide the chosen weights by their sum (``norm_topk_prob``).
+        scaling: ``routed_scaling_factor`` multiplied into the final weights.
+        n_group / topk_group: group-limited routing (experts split into ``n_group`` contiguous
+            groups, only the best ``topk_group`` groups are eligible). ``n_group == 1`` is off.
+        group_score: how a group is scored: ``"max"`` (DeepSeek-V2) or ``"top2_sum"`` (V3).
+        correction_bias: DeepSeek-V3 ``e_score_correction_bias`` (E,), added for the *choice*
+            only, not to the weights.
+    """
+
+    top_k: int
+    score_fn: str = "softmax"
+    topk_before_softmax: bool = False
+    renormalize: bool = False
+    scaling: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"
+    correction_bias: torch.Tensor | None = None
+
+    def sliced(self, keep: torch.Tensor) -> "RoutingSpec":
+        """The spec of the same layer after keeping only experts ``keep`` (sorted indices)."""
+        bias = None if self.correction_bias is None else self.correction_bias[keep]
+        groups = self.n_group
+        return RoutingSpec(
+            top_k=self.top_k,
+            score_fn=self.score_fn,
+            topk_before_softmax=self.topk_before_softmax,
+            renormalize=self.renormalize,
+            scaling=self.scaling,
+            n_group=groups,
+            topk_group=self.topk_group,
+            group_score=self.group_score,
+            correction_bias=bias,
+        )
+
+
+def routing_scores(logits: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+    """Full per-expert score distribution (T, E) in float32: softmax or sigmoid of logits.
+
+    This is the "soft activation" of an expert: the router mass it receives whether or not it
+    is in the top-k. For GPT-OSS (top-k on logits) the softmax over all logits is used.
+    """
+    logits = logits.float()
+    if spec.score_fn == "sigmoid":
+        return logits.sigmoid()
+    return logits.softmax(dim=-1)
+
+
+def _group_mask(choice: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+    """Boolean (T, E) mask of experts in the ``topk_group`` best groups of each token."""
+    tokens, num_experts = choice.shape
+    per_group = num_experts // spec.n_group
+    grouped = choice.view(tokens, spec.n_group, per_group)
+    if spec.group_score == "top2_sum":
+        group_scores = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
+    else:
+        group_scores = grouped.max(dim=-1).values
+    best = group_scores.topk(spec.topk_group, dim=-1, sorted=False).indices
+    mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+    return mask.unsqueeze(-1).expand(tokens, spec.n_group, per_group).reshape(tokens, num_experts)
+
+
+def route(
+    logits: torch.Tensor, spec: RoutingSpec, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k expert ids (T, k) and weights (T, k, float32) exactly as the architecture routes.
+
+    Args:
+        logits: (T, E) router logits.
+        keep: optional bool (E,) mask; experts outside it can never be chosen, which equals
+            routing in the layer after those experts were removed (ids stay in the original
+            numbering).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"router logits must be (tokens, experts), got {tuple(logits.shape)}")
+    logits = logits.float()
+    if keep is not None:
+        if keep.numel() != logits.shape[-1]:
+            raise ValueError(f"keep mask has {keep.numel()} entries for {logits.shape[-1]} experts")
+        if int(keep.sum()) < spec.top_k:
+            raise ValueError(f"keep mask leaves {int(keep.sum())} experts, fewer than top_k={spec.top_k}")
+    neg_inf = torch.finfo(torch.float32).min
+
+    if spec.topk_before_softmax:
+        masked = logits if keep is None else logits.masked_fill(~keep, neg_inf)
+        top_logits, ids = masked.topk(spec.top_k, dim=-1)
+        weights = top_logits.softmax(dim=-1)
+    else:
+        scores = routing_scores(logits, spec)
+        if keep is not None and spec.score_fn == "softmax":
+            scores = logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+        choice = scores if spec.correction_bias is None else scores + spec.correction_bias.float()
+        if keep is not None:
+            choice = choice.masked_fill(~keep, neg_inf)
+        if spec.n_group > 1:
+            choice = choice.masked_fill(~_group_mask(choice, spec), neg_inf)
+        ids = choice.topk(spec.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if spec.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids, weights * spec.scaling
+
+
+def dense_routing_weights(
+    logits: torch.Tensor, spec: RoutingSpec, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Routing as a dense (T, E) float32 matrix: the weight of each expert, zero if not chosen."""
+    ids, weights = route(logits, spec, keep)
+    dense = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    return dense.scatter_(1, ids, weights)

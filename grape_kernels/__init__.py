@@ -1,0 +1,1 @@
+"""grape_kernels: execute ragged Mixture-of-Experts layers fast (Triton, CUDA, CPU)."""
