@@ -34,8 +34,9 @@ class LayerStats:
         token_logits: (S, E) router logits of the sampled tokens.
         token_gram: (S, E, E) per-token output Gram matrices of the sampled tokens: with them
             the layer-output error of any drop/merge set is (w - w')^T G_t (w - w') exactly.
-        token_out_sq: (S,) squared norm of the layer's routed output on each sampled token
-            (normaliser that makes errors comparable across layers).
+        token_out_sq: (S,) squared norm of the layer's routed output on each sampled token.
+        token_resid_sq: (S,) squared norm of the residual stream entering the MoE block on each
+            sampled token: the normaliser that makes output errors comparable across layers.
     """
 
     layer: int
@@ -50,6 +51,7 @@ class LayerStats:
     token_logits: torch.Tensor
     token_gram: torch.Tensor
     token_out_sq: torch.Tensor
+    token_resid_sq: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:

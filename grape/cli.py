@@ -1,0 +1,232 @@
+"""The ``grape`` command line: prune, sparsify, distill, eval, info, demo.
+
+Each subcommand validates its arguments (paths, ranges, output directory) before any heavy
+work and exits with status 2 and a one-line message on bad input, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_calibration_flags(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("--calib", required=required, help="calibration text: .txt file, folder of .txt, .jsonl with 'text', or a Hub dataset")
+    parser.add_argument("--calib-samples", type=_positive_int, default=64, help="calibration sequences (default 64)")
+    parser.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per calibration sequence (default 512)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device for calibration (default cpu)")
+    parser.add_argument("--dtype", default=None, help="working dtype (float32, bfloat16, float16; default: the checkpoint's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grape", description="Prune Mixture-of-Experts language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="remove or merge whole experts (GRAPE or a baseline)")
+    p.add_argument("model", help="model directory (or Hub id where the network allows)")
+    from grape.methods import available_methods
+
+    p.add_argument("--method", required=True, choices=available_methods())
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--experts-ratio", type=_ratio, help="fraction of all routed experts to remove")
+    budget.add_argument("--keep-experts", type=_positive_int, help="routed experts to keep per layer")
+    p.add_argument("--merge", action="store_true", help="merge removed experts into their nearest neighbour")
+    _add_calibration_flags(p)
+    p.add_argument("--sequential", action="store_true", help="calibrate each layer on the already pruned layers' outputs")
+    p.add_argument("--sample-tokens", type=_positive_int, default=512, help="tokens per layer on which every expert is evaluated (default 512)")
+    p.add_argument("--entropy-floor", type=float, default=None, help="GRAPE: minimum normalised entropy of removals over layers")
+    p.add_argument("--no-cache", action="store_true", help="recompute calibration statistics even if cached")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_prune)
+
+    s = sub.add_parser("sparsify", help="unstructured or N:M weight sparsity inside experts (MoE-Pruner)")
+    s.add_argument("model")
+    s.add_argument("--method", default="moe_pruner", choices=["moe_pruner", "wanda", "magnitude"])
+    s.add_argument("--sparsity", type=float, required=True, help="fraction of expert weights to zero, in [0, 1)")
+    s.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4")
+    _add_calibration_flags(s, required=False)
+    s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_cmd_sparsify)
+
+    d = sub.add_parser("distill", help="expert-wise knowledge distillation of a pruned model")
+    d.add_argument("student")
+    d.add_argument("--teacher", required=True)
+    d.add_argument("--data", required=True, help="training text (same formats as --calib)")
+    d.add_argument("--steps", type=_positive_int, default=100)
+    d.add_argument("--lr", type=float, default=1e-4)
+    d.add_argument("--lambda", dest="lam", type=float, default=1.0, help="weight of the expert-output MSE term")
+    d.add_argument("--batch-size", type=_positive_int, default=4)
+    d.add_argument("--seq-len", type=_positive_int, default=256)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--checkpoint-every", type=_positive_int, default=50)
+    d.add_argument("--resume", action="store_true")
+    d.add_argument("--out", required=True)
+    d.add_argument("--overwrite", action="store_true")
+    d.set_defaults(func=_cmd_distill)
+
+    e = sub.add_parser("eval", help="perplexity (and lm-eval tasks where installed)")
+    e.add_argument("model")
+    e.add_argument("--ppl", action="append", default=[], help="text file/folder to compute perplexity on (repeatable)")
+    e.add_argument("--seq-len", type=_positive_int, default=512)
+    e.add_argument("--batch-size", type=_positive_int, default=4)
+    e.add_argument("--max-tokens", type=_positive_int, default=None)
+    e.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks")
+    e.add_argument("--experts-implementation", default=None, help="e.g. grape, eager, grouped_mm")
+    e.add_argument("--dtype", default=None)
+    e.add_argument("--json", dest="json_out", default=None, help="write results here")
+    e.set_defaults(func=_cmd_eval)
+
+    i = sub.add_parser("info", help="per-layer experts, parameters and bytes (before/after with --compare)")
+    i.add_argument("model")
+    i.add_argument("--compare", default=None, help="another checkpoint (e.g. the original) to compare with")
+    i.add_argument("--sparsity", action="store_true", help="also count exact zeros per layer and tensor type")
+    i.add_argument("--json", dest="json_out", default=None)
+    i.set_defaults(func=_cmd_info)
+
+    demo = sub.add_parser("demo", help="train/prune/evaluate a small MoE end to end (no Hub, no GPU)")
+    demo.add_argument("--work-dir", default="runs/demo")
+    demo.add_argument("--quick", action="store_true", help="fewer calibration samples and eval tokens")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _cmd_prune(args) -> None:
+    from grape.prune import PruneOptions, prune
+
+    options = {}
+    if args.entropy_floor is not None:
+        options["entropy_floor"] = args.entropy_floor
+    opts = PruneOptions(
+        method=args.method,
+        out=args.out,
+        calib=args.calib,
+        experts_ratio=args.experts_ratio,
+        keep_experts=args.keep_experts,
+        merge=args.merge,
+        calib_samples=args.calib_samples,
+        seq_len=args.seq_len,
+        sequential=args.sequential,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        sample_tokens=args.sample_tokens,
+        use_cache=not args.no_cache,
+        method_options=options,
+    )
+    out = prune(args.model, opts)
+    report = json.loads((out / "grape_report.json").read_text())
+    print(f"wrote {out}")
+    print(f"experts per layer: {report['experts_per_layer']}")
+    print(f"parameters: {report['parameters_before']:,} -> {report['parameters_after']:,}; time {report['timings_s']['total']:.1f}s")
+
+
+def _cmd_sparsify(args) -> None:
+    from grape.sparsity.sparsify import sparsify_cli
+
+    sparsify_cli(args)
+
+
+def _cmd_distill(args) -> None:
+    from grape.distill import distill_cli
+
+    distill_cli(args)
+
+
+def _cmd_eval(args) -> None:
+    from transformers import AutoTokenizer
+
+    from grape.checkpoint import load_pruned
+    from grape.evaluation import evaluate_tasks, perplexity
+    from grape.model_io import resolve_model_path
+    from grape.prune import parse_dtype
+
+    if not args.ppl and not args.tasks:
+        raise ValueError("nothing to evaluate: give --ppl FILE and/or --tasks")
+    path = resolve_model_path(args.model)
+    kwargs = {"dtype": parse_dtype(args.dtype) or "auto"}
+    if args.experts_implementation:
+        import grape_kernels  # noqa: F401  (registers the "grape" experts implementation)
+
+        kwargs["experts_implementation"] = args.experts_implementation
+    model = load_pruned(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    results: dict = {"model": str(path)}
+    for source in args.ppl:
+        res = perplexity(model, tokenizer, source, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens)
+        results.setdefault("ppl", {})[source] = res
+        print(f"{source}: perplexity {res['perplexity']:.4f} over {res['tokens']} tokens")
+    if len(args.ppl) == 1:
+        results.update({k: results["ppl"][args.ppl[0]][k] for k in ("perplexity", "tokens")})
+    if args.tasks:
+        results["tasks"] = evaluate_tasks(model, tokenizer, args.tasks.split(","), batch_size=args.batch_size)
+        print(json.dumps(results["tasks"], indent=2, default=str))
+    if args.json_out:
+        from grape.report import write_json_atomic
+
+        write_json_atomic(results, args.json_out)
+
+
+def _cmd_info(args) -> None:
+    from grape.info import compare_info, format_info, model_info
+
+    if args.compare:
+        info = compare_info(args.compare, args.model, sparsity=args.sparsity)
+        print(format_info(info["before"]))
+        print()
+        print(format_info(info["after"]))
+        print()
+        print("after / before: " + ", ".join(f"{k} {v:.3f}" for k, v in info["ratio"].items()))
+    else:
+        info = model_info(args.model, sparsity=args.sparsity)
+        print(format_info(info))
+    if args.json_out:
+        from grape.report import write_json_atomic
+
+        write_json_atomic(info, args.json_out)
+
+
+def _cmd_demo(args) -> None:
+    from grape.demo import run_demo
+
+    run_demo(work_dir=args.work_dir, quick=args.quick)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable = args.func
+    try:
+        func(args)
+    except KeyboardInterrupt:
+        print("grape: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError) as exc:
+        print(f"grape {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Ragged checkpoints: smaller on disk, load with grape and with plain transformers, atomic."""
+
+import copy
+import json
+import sys
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from grape.adapters import get_adapter
+from grape.checkpoint import OutputExistsError, load_pruned, write_checkpoint
+from grape.model_io import LazyCausalLM
+from grape.surgery import prune_block
+from tiny_models import ARCHS, build_tiny_model
+
+# layer -> kept experts (ragged: each layer keeps a different number, group-balanced)
+RAGGED = {0: [0, 1, 2, 4, 5, 6], 1: [1, 2, 5, 6]}
+
+
+def _write(src, out, keep=RAGGED, **kwargs):
+    lazy = LazyCausalLM.open(src)
+    adapter = lazy.adapter
+
+    def transform(index, layer):
+        block = adapter.moe_block(layer)
+        if block is not None and index in keep:
+            prune_block(block, adapter, keep[index])
+
+    write_checkpoint(lazy, out, transform_layer=transform, report={"method": "test"}, **kwargs)
+    return lazy
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ragged_checkpoint_loads_everywhere_with_same_logits(arch, tmp_path):
+    src = build_tiny_model(arch, tmp_path / "src")
+    out = tmp_path / "pruned"
+    _write(src, out)
+    reference = AutoModelForCausalLM.from_pretrained(src).eval()
+    adapter = get_adapter(reference.config)
+    for i, layer in enumerate(adapter.decoder_layers(reference)):
+        block = adapter.moe_block(layer)
+        if block is not None:
+            prune_block(block, adapter, RAGGED[i])
+    config = json.loads((out / "config.json").read_text())
+    expected_counts = [len(RAGGED[i]) if adapter.moe_block(l) is not None else None for i, l in enumerate(adapter.decoder_layers(reference))]
+    assert config["grape_experts_per_layer"] == expected_counts
+    loaded_config = AutoConfig.from_pretrained(out)
+    assert getattr(loaded_config, adapter.count_key) == max(c for c in expected_counts if c is not None)
+    assert (out / "grape_report.json").is_file() and (out / "experts_per_layer.png").stat().st_size > 1000
+    ids = torch.randint(0, reference.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        ours = load_pruned(out).eval()(ids).logits
+        sys.modules.pop("transformers_modules", None)
+        plain = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        assert "grape" not in type(plain).__module__.split(".")[0]
+        theirs = plain(ids).logits
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(theirs, expected)
+    src_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    assert out_bytes < src_bytes
+
+
+def test_modeling_file_does_not_import_grape(tmp_path):
+    src = build_tiny_model("mixtral", tmp_path / "src")
+    _write(src, tmp_path / "pruned")
+    text = (tmp_path / "pruned" / "modeling_grape.py").read_text()
+    assert "import grape" not in text and "from grape" not in text
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path):
+    src = build_tiny_model("mixtral", tmp_path / "src")
+    out = tmp_path / "pruned"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        _write(src, out)
+    assert (out / "keep.txt").read_text() == "user data"
+    _write(src, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert not list(tmp_path.glob(".pruned.grape-*"))
+
+
+def test_input_can_never_be_the_output(tmp_path):
+    src = build_tiny_model("mixtral", tmp_path / "src")
+    with pytest.raises(OutputExistsError, match="never modifies its input"):
+        _write(src, src, overwrite=True)
+
+
+def test_failure_mid_write_leaves_no_output_and_input_unchanged(tmp_path):
+    src = build_tiny_model("mixtral", tmp_path / "src")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    out = tmp_path / "pruned"
+
+    def exploding(index, layer):
+        if index == 1:
+            raise KeyboardInterrupt
+
+    lazy = LazyCausalLM.open(src)
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(lazy, out, transform_layer=exploding, report={})
+    assert not out.exists() and not list(tmp_path.glob(".pruned.grape-*"))
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before

@@ -1,0 +1,76 @@
+"""Tiny random MoE models of every supported architecture, saved to disk like real checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+COMMON = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=96,
+    max_position_embeddings=128,
+)
+
+
+def tiny_config(arch: str):
+    """A 2-layer config of ``arch`` with 8 routed experts, top-2 (grouped/shared where the arch has them)."""
+    import transformers as tf
+
+    if arch == "mixtral":
+        return tf.MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2)
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(
+            **COMMON, intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+            num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+        )
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(
+            **COMMON, intermediate_size=64, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+            norm_topk_prob=True, head_dim=8,
+        )
+    if arch == "olmoe":
+        return tf.OlmoeConfig(**COMMON, intermediate_size=24, num_experts=8, num_experts_per_tok=2)
+    if arch == "deepseek_v3":
+        return tf.DeepseekV3Config(
+            **(COMMON | {"num_key_value_heads": 4}), intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
+            n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=0, routed_scaling_factor=2.5,
+            kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        )
+    if arch == "deepseek_v2":
+        return tf.DeepseekV2Config(
+            **(COMMON | {"num_key_value_heads": 4}), intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
+            n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, topk_method="greedy",
+        )
+    if arch == "gpt_oss":
+        return tf.GptOssConfig(
+            **COMMON, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
+            sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        )
+    raise KeyError(arch)
+
+
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "gpt_oss")
+
+
+def build_tiny_model(arch: str, directory: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Random ``arch`` model saved with ``save_pretrained`` (router/correction biases randomised)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch)
+    config.dtype = dtype
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if "experts" in name or "gate" in name or "router" in name:
+                tensor.normal_(0.0, 0.3)
+        for name, buf in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                buf.uniform_(-0.1, 0.1)
+    model.save_pretrained(directory)
+    return directory
