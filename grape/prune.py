@@ -86,7 +86,7 @@ def prune(model: str, opts: PruneOptions) -> Path:
     """Run the whole pipeline; returns the output directory."""
     started = time.perf_counter()
     _validate(opts)
-    method = get_method(opts.method, merge=opts.merge, seed=opts.seed, **opts.method_options)
+    method = get_method(opts.method)(merge=opts.merge, seed=opts.seed, **opts.method_options)
     lazy = LazyCausalLM.open(model, dtype=parse_dtype(opts.dtype), device=opts.device)
     out = check_output_dir(opts.out, overwrite=opts.overwrite, source=lazy.model_dir)
     limits = layer_limits(lazy)

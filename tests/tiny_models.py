@@ -11,7 +11,7 @@ COMMON = dict(
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
-    vocab_size=96,
+    vocab_size=320,
     max_position_embeddings=128,
 )
 
@@ -73,4 +73,34 @@ def build_tiny_model(arch: str, directory: Path, *, seed: int = 0, dtype: torch.
             if "e_score_correction_bias" in name:
                 buf.uniform_(-0.1, 0.1)
     model.save_pretrained(directory)
+    save_tiny_tokenizer(directory)
     return directory
+
+
+SAMPLE_TEXT = (
+    "def add(a, b):\n    return a + b\n\n"
+    "The quick brown fox jumps over the lazy dog. Experts route tokens; routers pick experts.\n"
+    "class Stack:\n    def push(self, item):\n        self.items.append(item)\n"
+)
+
+
+def save_tiny_tokenizer(directory: Path) -> None:
+    """A byte-level BPE tokenizer (vocab <= 300) trained on a fixed text, saved beside the model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([SAMPLE_TEXT] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.save_pretrained(directory)
+
+
+def write_calibration_text(path: Path, repeats: int = 40) -> Path:
+    """A text file long enough for a few short calibration samples."""
+    path.write_text((SAMPLE_TEXT * repeats))
+    return path

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from grape.adapters import MoEAdapter, expert_forward
-from grape.calibration.runner import run_layerwise
+from grape.calibration.runner import NonFiniteActivationError, run_layerwise
 from grape.model_io import LazyCausalLM
 from grape.routing import routing_scores
 from grape.stats import LayerStats
@@ -134,7 +134,10 @@ class _LayerStatsCollector:
         )
         for name in ("freq", "soft_mass", "gram", "token_gram"):
             if not torch.isfinite(getattr(stats, name)).all():
-                raise FloatingPointError(f"NaN/Inf in the expert statistics of decoder layer {self.layer}")
+                raise NonFiniteActivationError(
+                    f"NaN/Inf in the expert statistics of decoder layer {self.layer} during calibration "
+                    "(try --dtype float32, or check the layer's weights)"
+                )
         return stats
 
 

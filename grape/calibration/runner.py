@@ -26,7 +26,7 @@ __all__ = ["run_layerwise", "NonFiniteActivationError", "LayerVisitor"]
 LayerVisitor = Callable[[int, nn.Module, list[torch.Tensor], Callable[[], list[torch.Tensor]]], None]
 
 
-class NonFiniteActivationError(RuntimeError):
+class NonFiniteActivationError(ValueError):
     """NaN or Inf appeared in the activations during calibration."""
 
 

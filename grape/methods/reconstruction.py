@@ -1,0 +1,65 @@
+"""Exact layer-output error of re-routing, from the per-token output Gram matrices.
+
+On a sampled token t the layer's routed output is y_t = sum_e w_te o_e(t). After removing
+experts the pruned router picks other experts with other weights w'_t (exactly as
+``grape.routing.route`` with a ``keep`` mask says), so the error is
+||y_t - y'_t||^2 = d_t^T G_t d_t with d_t = w_t - w'_t and G_t the token's expert-output Gram.
+No expert has to be re-run: the statistics already hold everything.
+
+d_t is non-zero only on the union of the old and new top-k, so only a (2k x 2k) block of G_t is
+read per token; that keeps one evaluation at O(S k^2) after routing, which matters because NAEE
+and GRAPE's ``cost="reroute"`` evaluate thousands of candidate masks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grape.routing import route
+from grape.stats import LayerStats
+
+__all__ = ["ReroutingError", "residual_energy"]
+
+
+def residual_energy(stats: LayerStats) -> tuple[float, str]:
+    """Sum over sampled tokens of the energy that makes errors comparable across layers.
+
+    The residual stream entering the block (``token_resid_sq``) is what an error in this layer's
+    output perturbs, so errors divided by it are relative perturbations of the model's state and
+    can be compared across layers whose output scales differ by orders of magnitude. Statistics
+    that predate that field fall back to the layer's own output energy (``token_out_sq``).
+    Returns the energy (1.0 when it is zero, e.g. no sampled tokens: every error is zero then)
+    and the name of the field used.
+    """
+    resid = getattr(stats, "token_resid_sq", None)
+    name = "token_resid_sq" if resid is not None else "token_out_sq"
+    energy = float((resid if resid is not None else stats.token_out_sq).sum())
+    return (energy if energy > 0 else 1.0), name
+
+
+class ReroutingError:
+    """Layer-output error of routing the sampled tokens with only some experts kept."""
+
+    def __init__(self, stats: LayerStats) -> None:
+        self.stats = stats
+        self._ids, self._weights = route(stats.token_logits, stats.spec)
+
+    def __call__(self, keep: torch.Tensor) -> float:
+        """Sum over sampled tokens of ||y_t - y'_t||^2 when only experts ``keep`` (bool, E) stay."""
+        stats = self.stats
+        if stats.token_logits.shape[0] == 0:
+            return 0.0
+        ids, weights = route(stats.token_logits, stats.spec, keep)
+        diff = torch.zeros(stats.token_logits.shape, dtype=torch.float64)
+        diff.scatter_add_(1, self._ids, self._weights.double())
+        diff.scatter_add_(1, ids, -weights.double())
+        support = torch.cat([self._ids, ids], dim=1)
+        # An expert in both top-k sets must be counted once: zero its second copy.
+        repeated = (ids.unsqueeze(-1) == self._ids.unsqueeze(-2)).any(-1)
+        coeff = diff.gather(1, support)
+        coeff[:, self._ids.shape[1]:] = coeff[:, self._ids.shape[1]:].masked_fill(repeated, 0.0)
+        tokens, num = diff.shape
+        width = support.shape[1]
+        flat = (support.unsqueeze(2) * num + support.unsqueeze(1)).view(tokens, width * width)
+        block = stats.token_gram.view(tokens, num * num).gather(1, flat).view(tokens, width, width)
+        return float(torch.einsum("ti,tij,tj->", coeff, block, coeff))

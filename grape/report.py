@@ -1,0 +1,175 @@
+"""Report artefacts: the per-layer expert-count plot, atomic JSON files, markdown tables.
+
+Every file is written to a temporary sibling and moved into place with ``os.replace``: a
+report or plot is either the old complete file or the new complete file, never a truncated one
+left by an interrupted run (the same rule the checkpoint writer follows).
+
+The plot uses matplotlib's object API with the Agg canvas directly instead of ``pyplot``, so it
+neither needs a display nor changes the caller's global matplotlib backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from numbers import Number
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["plot_experts_per_layer", "write_json_atomic", "format_table"]
+
+
+def _write_atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
+
+    The temporary file lives in the destination folder so the final ``os.replace`` is a
+    same-file-system rename (atomic on POSIX and Windows). On any error it is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check_counts(name: str, counts: Sequence[int | None]) -> None:
+    for index, value in enumerate(counts):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(
+                f"{name}[{index}] must be None (dense layer) or an integer >= 0, got {value!r}"
+            )
+
+
+def plot_experts_per_layer(
+    counts_before: Sequence[int | None],
+    counts_after: Sequence[int | None],
+    path: str | os.PathLike[str],
+    title: str,
+) -> Path:
+    """Write a PNG bar chart of routed experts per decoder layer, before and after pruning.
+
+    One entry per decoder layer; ``None`` marks a dense layer (no routed experts), drawn as a
+    gap labelled "dense" so layer indices on the x axis stay the real decoder indices.
+
+    Raises:
+        ValueError: the lists differ in length or are empty, a count is not a non-negative
+            integer, or a layer is dense in one list and not in the other.
+    """
+    before, after = list(counts_before), list(counts_after)
+    if not before or len(before) != len(after):
+        raise ValueError(
+            f"need one count per decoder layer in both lists, got {len(before)} and {len(after)}"
+        )
+    _check_counts("counts_before", before)
+    _check_counts("counts_after", after)
+    mismatched = [i for i, (b, a) in enumerate(zip(before, after)) if (b is None) != (a is None)]
+    if mismatched:
+        raise ValueError(f"layers {mismatched} are dense (None) in one list but not in the other")
+
+    layers = np.arange(len(before))
+    moe = [i for i, b in enumerate(before) if b is not None]
+    width = 0.4
+    figure = Figure(figsize=(max(6.0, 0.35 * len(before) + 2.0), 3.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.bar(layers[moe] - width / 2, [before[i] for i in moe], width, label="before", color="#9aa5b1")
+    axes.bar(layers[moe] + width / 2, [after[i] for i in moe], width, label="after", color="#2f7ebc")
+    for i, value in enumerate(before):
+        if value is None:
+            axes.text(i, 0, "dense", rotation=90, ha="center", va="bottom", fontsize=7, color="#666")
+    axes.set_xlabel("decoder layer")
+    axes.set_ylabel("routed experts")
+    axes.set_title(title)
+    axes.set_xlim(-0.6, len(before) - 0.4)
+    axes.set_xticks(layers if len(before) <= 32 else layers[:: max(1, len(before) // 16)])
+    axes.yaxis.get_major_locator().set_params(integer=True)
+    axes.legend(loc="lower right", fontsize=8)
+    return _write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+
+
+def _json_default(value: Any) -> Any:
+    """Serialise the non-JSON types reports naturally contain (tensors, numpy values, paths)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"object of type {type(value).__name__} is not JSON serializable")
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically (temp file + ``os.replace``).
+
+    Tensors and numpy values become (nested) lists or numbers and paths become strings, so a
+    report can hold scores as they come out of a criterion. The content is serialised before
+    the file is created, so an unserialisable object leaves no file behind at all.
+    """
+    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    return _write_atomic(path, write)
+
+
+def _cell(value: Any, floatfmt: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        text = format(value, floatfmt)
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _is_numeric_column(values: Sequence[Any]) -> bool:
+    present = [v for v in values if v is not None]
+    return bool(present) and all(isinstance(v, Number) and not isinstance(v, bool) for v in present)
+
+
+def format_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, floatfmt: str = ".4g"
+) -> str:
+    """A markdown table of ``rows`` restricted to ``columns`` (in that order).
+
+    Missing keys and ``None`` render as empty cells (e.g. a dense layer has no expert count);
+    floats use ``floatfmt``; columns whose values are all numbers are right-aligned. Cells are
+    padded so the table is also readable as plain text in a terminal.
+
+    Raises:
+        ValueError: no columns, or a column that appears in none of the rows (a typo would
+            otherwise silently print an empty column).
+    """
+    columns = list(columns)
+    if not columns:
+        raise ValueError("format_table needs at least one column")
+    absent = [c for c in columns if rows and not any(c in row for row in rows)]
+    if absent:
+        raise ValueError(f"columns {absent} appear in none of the rows")
+    cells = [[_cell(row.get(c), floatfmt) for c in columns] for row in rows]
+    numeric = [_is_numeric_column([row.get(c) for row in rows]) for c in columns]
+    widths = [max([len(c), 3] + [len(r[j]) for r in cells]) for j, c in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        padded = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "| " + " | ".join("-" * (w - 1) + ":" if num else "-" * w for w, num in zip(widths, numeric)) + " |"
+    return "\n".join([line(columns), rule] + [line(r) for r in cells])
