@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train/prune/evaluate a small MoE end to end (no Hub, no GPU)")
     demo.add_argument("--work-dir", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="fewer calibration samples and eval tokens")
+    demo.add_argument("--model", default=None, help="use this trained MoE directory instead of training one")
     demo.set_defaults(func=_cmd_demo)
     return parser
 
@@ -189,15 +190,11 @@ def _cmd_eval(args) -> None:
 
 
 def _cmd_info(args) -> None:
-    from grape.info import compare_info, format_info, model_info
+    from grape.info import compare_info, format_comparison, format_info, model_info
 
     if args.compare:
         info = compare_info(args.compare, args.model, sparsity=args.sparsity)
-        print(format_info(info["before"]))
-        print()
-        print(format_info(info["after"]))
-        print()
-        print("after / before: " + ", ".join(f"{k} {v:.3f}" for k, v in info["ratio"].items()))
+        print(format_comparison(info))
     else:
         info = model_info(args.model, sparsity=args.sparsity)
         print(format_info(info))
@@ -210,7 +207,7 @@ def _cmd_info(args) -> None:
 def _cmd_demo(args) -> None:
     from grape.demo import run_demo
 
-    run_demo(work_dir=args.work_dir, quick=args.quick)
+    run_demo(work_dir=args.work_dir, quick=args.quick, model=args.model)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -105,7 +105,9 @@ def _read_jsonl(path: Path) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise CalibrationDataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from exc
+                raise CalibrationDataError(
+                    f"{path}, line {number}: not valid JSON ({exc.msg})"
+                ) from exc
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise CalibrationDataError(
                     f"{path}, line {number}: expected a JSON object with a string 'text' field"
@@ -155,7 +157,9 @@ def _load_hub_dataset(source: str) -> list[str]:
         ) from exc
     columns = list(getattr(dataset, "column_names", None) or [])
     if "text" not in columns:
-        raise CalibrationDataError(f"Hub dataset {name!r} has no 'text' column (columns: {columns})")
+        raise CalibrationDataError(
+            f"Hub dataset {name!r} has no 'text' column (columns: {columns})"
+        )
     return _non_empty(list(dataset["text"]), f"Hub dataset {name!r} has no non-empty 'text' values")
 
 
@@ -230,7 +234,12 @@ def calibration_fingerprint(
     into different documents (which changes where EOS tokens go) changes the fingerprint.
     """
     digest = hashlib.sha256()
-    header = {"num_samples": num_samples, "seq_len": seq_len, "seed": seed, "tokenizer": tokenizer_name}
+    header = {
+        "num_samples": num_samples,
+        "seq_len": seq_len,
+        "seed": seed,
+        "tokenizer": tokenizer_name,
+    }
     digest.update(json.dumps(header, sort_keys=True).encode("utf-8"))
     for text in texts:
         data = text.encode("utf-8")

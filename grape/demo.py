@@ -8,9 +8,9 @@ with about 5% of the files held out for evaluation. Files are held out by a hash
 *name* (not by position or a random draw), so the split is the same on every machine and does
 not shift when a Python release adds or removes a module.
 
-Pipeline (every stage prints what it does and how long it took):
+Pipeline (every stage prints what it is doing):
 
-1. corpus: ``train.txt`` / ``eval.txt`` in the work dir;
+1. corpus: ``train.txt``, ``calib.txt`` (an excerpt of it) and ``eval.txt`` in the work dir;
 2. model: a byte-level BPE tokenizer and a 4-layer, 8-expert, top-2 ``MixtralForCausalLM``
    trained from scratch with next-token loss plus the router's load-balancing loss (which
    pushes tokens to spread over experts, so experts specialise and pruning them matters).
@@ -526,7 +526,8 @@ def _table_row(label: str, result: dict, original: dict) -> dict:
         "disk (MB)": result["file_bytes"] / 1e6,
     }
     row.update({f"ppl {name}": p for name, p in result["perplexity"].items()})
-    row["ppl / original"] = _relative_ppl(result, original)
+    # a percentage rather than a ratio: "1" and "1.0003" print alike at table precision
+    row["ppl change %"] = 100.0 * (_relative_ppl(result, original) - 1.0)
     return row
 
 

@@ -168,20 +168,8 @@ class DistillJob:
         state = self._load_checkpoint(fingerprint)
 
         model = load_pruned(self.student.model_dir, dtype=torch.float32)
-        adapter = self.student.adapter
-        blocks = {i: adapter.moe_block(adapter.decoder_layers(model)[i]) for i in self.kept}
-        masks: dict[str, torch.Tensor] = {}
-        trainable: dict[str, nn.Parameter] = {}
-        for param in model.parameters():
-            param.requires_grad_(False)
-        for layer_index, block in blocks.items():
-            for name, param in block.experts.named_parameters():
-                key = f"{layer_index}.{name}"
-                param.requires_grad_(True)
-                trainable[key] = param
-                if name in _MASKED:
-                    masks[key] = param.detach() != 0
-                    param.register_hook(lambda grad, keep=masks[key]: grad * keep)
+        blocks = {i: self.student.adapter.moe_block(self.student.adapter.decoder_layers(model)[i]) for i in self.kept}
+        trainable, masks = _trainable_experts(model, blocks)
         optimizer = torch.optim.AdamW(trainable.values(), lr=self.lr, weight_decay=0.0)
         history: list[dict] = []
         start = 0
@@ -192,24 +180,10 @@ class DistillJob:
             optimizer.load_state_dict(state["optimizer"])
             history, start = state["history"], int(state["step"])
         teachers = self._teacher_experts(model)
-
         kd_terms: list[torch.Tensor] = []
-
-        def distill_hook(layer_index: int):
-            def hook(experts: nn.Module, args: tuple, _output) -> None:
-                hidden, ids = args[0].detach(), args[1]
-                for expert in range(len(self.kept[layer_index])):
-                    token_idx = torch.where(ids == expert)[0]
-                    if token_idx.numel() == 0:
-                        continue
-                    x = hidden[token_idx]
-                    with torch.no_grad():
-                        target = expert_forward(teachers[layer_index], expert, x)
-                    kd_terms.append(nn.functional.mse_loss(expert_forward(experts, expert, x), target))
-
-            return hook
-
-        handles = [blocks[i].experts.register_forward_hook(distill_hook(i)) for i in blocks]
+        handles = [
+            blocks[i].experts.register_forward_hook(_expert_mse_hook(teachers[i], kd_terms)) for i in blocks
+        ]
         model.train()
         t_train = time.perf_counter()
         progress = tqdm(total=self.steps, initial=start, desc="distill", unit="step")
@@ -329,6 +303,49 @@ class DistillJob:
         }
         write_json_atomic(report, path)
         return report
+
+
+def _trainable_experts(
+    model: nn.Module, blocks: dict[int, nn.Module]
+) -> tuple[dict[str, nn.Parameter], dict[str, torch.Tensor]]:
+    """Freeze everything but the routed experts; the masks of their weight matrices.
+
+    Returns the trainable parameters keyed ``"<layer>.<name>"`` and, for gate_up_proj and
+    down_proj, the keep-masks (their non-zeros now). A gradient hook zeroes the gradient of
+    every pruned weight, so the optimizer never sees a reason to move it.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    trainable: dict[str, nn.Parameter] = {}
+    masks: dict[str, torch.Tensor] = {}
+    for layer_index, block in blocks.items():
+        for name, param in block.experts.named_parameters():
+            key = f"{layer_index}.{name}"
+            param.requires_grad_(True)
+            trainable[key] = param
+            if name in _MASKED:
+                masks[key] = param.detach() != 0
+                param.register_hook(lambda grad, keep=masks[key]: grad * keep)
+    return trainable, masks
+
+
+def _expert_mse_hook(teacher: nn.Module, terms: list[torch.Tensor]):
+    """Forward hook for a student experts module: appends, per expert with routed tokens, the
+    MSE between the teacher's same-index expert and the student's on the (detached) routed
+    inputs, using the ids the student's router chose."""
+
+    def hook(experts: nn.Module, args: tuple, _output) -> None:
+        hidden, ids = args[0].detach(), args[1]
+        for expert in range(int(experts.gate_up_proj.shape[0])):
+            token_idx = torch.where(ids == expert)[0]
+            if token_idx.numel() == 0:
+                continue
+            x = hidden[token_idx]
+            with torch.no_grad():
+                target = expert_forward(teacher, expert, x)
+            terms.append(nn.functional.mse_loss(expert_forward(experts, expert, x), target))
+
+    return hook
 
 
 def prepare_distill(

@@ -39,14 +39,17 @@ def _resolve_texts(text_or_path: str | os.PathLike[str] | Sequence[str]) -> list
         return load_texts(text_or_path)
     if isinstance(text_or_path, str):
         single_line = "\n" not in text_or_path and len(text_or_path) < 4096
-        if single_line and (os.path.exists(text_or_path) or text_or_path.endswith((".txt", ".jsonl"))):
+        named_file = text_or_path.endswith((".txt", ".jsonl"))
+        if single_line and (named_file or os.path.exists(text_or_path)):
             return load_texts(text_or_path)
         if not text_or_path.strip():
             raise CalibrationDataError("the evaluation text is empty")
         return [text_or_path]
     texts = list(text_or_path)
     if not texts or not all(isinstance(t, str) for t in texts):
-        raise CalibrationDataError("expected evaluation text, a path, or a non-empty list of strings")
+        raise CalibrationDataError(
+            "expected evaluation text, a path, or a non-empty list of strings"
+        )
     return texts
 
 

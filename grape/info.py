@@ -21,14 +21,14 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import torch
 from safetensors import safe_open
 
-from grape.adapters import get_adapter
+from grape.adapters import MoEAdapter, get_adapter
 from grape.report import format_table
 
 __all__ = [
@@ -108,16 +108,18 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     )
 
 
-def _experts_from_config(config: SimpleNamespace, config_path: Path) -> list[int | None]:
+def _experts_from_config(
+    config: SimpleNamespace, adapter: MoEAdapter, config_path: Path
+) -> list[int | None]:
     """Routed experts of every decoder layer according to the config (None: dense layer)."""
     n_layers = getattr(config, "num_hidden_layers", None)
     if not isinstance(n_layers, int) or n_layers < 1:
         raise CheckpointFormatError(f"{config_path} has no valid 'num_hidden_layers'")
-    adapter = get_adapter(config)
     per_layer = getattr(config, "grape_experts_per_layer", None)
     if per_layer is not None:
         valid = isinstance(per_layer, list) and len(per_layer) == n_layers and all(
-            c is None or (isinstance(c, int) and not isinstance(c, bool) and c >= 1) for c in per_layer
+            c is None or (isinstance(c, int) and not isinstance(c, bool) and c >= 1)
+            for c in per_layer
         )
         if not valid:
             raise CheckpointFormatError(
@@ -147,6 +149,119 @@ def _count_zeros(handle, name: str, shape: list[int]) -> int:
             chunk = chunk.float()  # float8 comparisons are not implemented on every backend
         zeros += int((chunk == 0).sum())
     return zeros
+
+
+@dataclass(frozen=True)
+class _TensorEntry:
+    """What a safetensors header says about one tensor, plus what its name says."""
+
+    file: Path
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    layer: int | None
+    routed: bool
+    expert: int | None  # per-expert layout only; None for fused 3-D tensors
+    kind: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _DTYPE_BITS[self.dtype] // 8
+
+
+def _scan_headers(
+    files: list[Path], weight_map: dict[str, str] | None, n_layers: int
+) -> list[_TensorEntry]:
+    """Every tensor's header entry, checked against the config's layer count and the index."""
+    tensors = []
+    for file in files:
+        try:
+            handle_cm = safe_open(str(file), framework="pt")
+        except Exception as exc:  # SafetensorError and OSError carry the reason
+            raise CheckpointFormatError(
+                f"{file} is not a readable safetensors file (corrupt or truncated?): {exc}"
+            ) from exc
+        with handle_cm as handle:
+            for name in handle.keys():
+                part = handle.get_slice(name)
+                dtype = part.get_dtype()
+                if dtype not in _DTYPE_BITS:
+                    raise CheckpointFormatError(f"{file}: tensor {name} has unknown dtype {dtype}")
+                layer_match = _LAYER.search(name)
+                layer = int(layer_match.group(1)) if layer_match else None
+                if layer is not None and layer >= n_layers:
+                    raise CheckpointFormatError(
+                        f"{file}: tensor {name} belongs to layer {layer}, but the config has "
+                        f"{n_layers} decoder layers"
+                    )
+                routed = _ROUTED.search(name)
+                tensors.append(
+                    _TensorEntry(
+                        file=file,
+                        name=name,
+                        shape=tuple(part.get_shape()),
+                        dtype=dtype,
+                        layer=layer,
+                        routed=routed is not None,
+                        expert=int(routed.group(2)) if routed and routed.group(2) else None,
+                        kind=_tensor_type(name),
+                    )
+                )
+    if weight_map is not None:
+        missing = sorted(set(weight_map) - {t.name for t in tensors})
+        if missing:
+            raise CheckpointFormatError(
+                f"{len(missing)} tensor(s) listed in model.safetensors.index.json are not in "
+                f"their shard, e.g. {missing[:3]}"
+            )
+    return tensors
+
+
+def _group_by_layer(tensors: list[_TensorEntry]) -> dict[int | None, list[_TensorEntry]]:
+    groups: dict[int | None, list[_TensorEntry]] = {}
+    for t in tensors:
+        groups.setdefault(t.layer, []).append(t)
+    return groups
+
+
+def _add_sparsity(info: dict[str, Any], tensors: list[_TensorEntry], files: list[Path]) -> None:
+    """Count exact zeros file by file, tensor by tensor, and add the fractions to ``info``."""
+    zeros_of: dict[str, int] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for t in tensors:
+                if t.file == file:
+                    zeros_of[t.name] = _count_zeros(handle, t.name, list(t.shape))
+
+    def fractions(selected: list[_TensorEntry]) -> dict[str, dict[str, Any]]:
+        out = {}
+        for kind in TENSOR_TYPES:
+            of_kind = [t for t in selected if t.kind == kind]
+            zeros, total = sum(zeros_of[t.name] for t in of_kind), sum(t.numel for t in of_kind)
+            out[kind] = {
+                "zeros": zeros,
+                "parameters": total,
+                "zero_fraction": zeros / total if total else 0.0,
+            }
+        return out
+
+    per_layer = _group_by_layer(tensors)
+    for layer in info["layers"]:
+        by_type = fractions(per_layer.get(layer["layer"], []))
+        total = sum(v["parameters"] for v in by_type.values())
+        layer["zero_fraction"] = sum(v["zeros"] for v in by_type.values()) / total if total else 0.0
+        layer["zero_fraction_by_type"] = {
+            k: v["zero_fraction"] for k, v in by_type.items() if v["parameters"]
+        }
+    by_type = fractions(tensors)
+    info["sparsity"] = {
+        "zero_fraction": sum(zeros_of.values()) / info["parameters"] if info["parameters"] else 0.0,
+        "by_type": by_type,
+    }
 
 
 def model_info(path: str | os.PathLike[str], *, sparsity: bool = False) -> dict:
@@ -182,80 +297,23 @@ def model_info(path: str | os.PathLike[str], *, sparsity: bool = False) -> dict:
     if not isinstance(raw_config, dict):
         raise CheckpointFormatError(f"{config_path} does not hold a JSON object")
     config = SimpleNamespace(**raw_config)
-    experts = _experts_from_config(config, config_path)
     adapter = get_adapter(config)
+    experts = _experts_from_config(config, adapter, config_path)
     files, weight_map = _weight_files(folder)
-
     n_layers = len(experts)
-    layer_params = [0] * n_layers
-    layer_bytes = [0] * n_layers
-    expert_ids: list[set[int]] = [set() for _ in range(n_layers)]
-    fused_counts: list[set[int]] = [set() for _ in range(n_layers)]
-    zeros_by_layer = [dict.fromkeys(TENSOR_TYPES, 0) for _ in range(n_layers)]
-    numel_by_layer = [dict.fromkeys(TENSOR_TYPES, 0) for _ in range(n_layers)]
-    zeros_total = dict.fromkeys(TENSOR_TYPES, 0)
-    numel_total = dict.fromkeys(TENSOR_TYPES, 0)
-    dtypes: dict[str, int] = {}
-    parameters = tensor_bytes = 0
-    seen: set[str] = set()
+    tensors = _scan_headers(files, weight_map, n_layers)
 
-    for file in files:
-        try:
-            handle_cm = safe_open(str(file), framework="pt")
-        except Exception as exc:  # SafetensorError and OSError carry the reason
-            raise CheckpointFormatError(
-                f"{file} is not a readable safetensors file (corrupt or truncated?): {exc}"
-            ) from exc
-        with handle_cm as handle:
-            for name in handle.keys():
-                part = handle.get_slice(name)
-                shape, dtype = list(part.get_shape()), part.get_dtype()
-                if dtype not in _DTYPE_BITS:
-                    raise CheckpointFormatError(f"{file}: tensor {name} has unknown dtype {dtype}")
-                numel = math.prod(shape)
-                nbytes = numel * _DTYPE_BITS[dtype] // 8
-                seen.add(name)
-                parameters += numel
-                tensor_bytes += nbytes
-                dtypes[dtype] = dtypes.get(dtype, 0) + numel
-                kind = _tensor_type(name)
-                layer_match = _LAYER.search(name)
-                layer = int(layer_match.group(1)) if layer_match else None
-                if layer is not None and layer >= n_layers:
-                    raise CheckpointFormatError(
-                        f"{file}: tensor {name} belongs to layer {layer}, but the config has "
-                        f"{n_layers} decoder layers"
-                    )
-                routed = _ROUTED.search(name)
-                if routed:
-                    layer_params[layer] += numel
-                    layer_bytes[layer] += nbytes
-                    if routed.group(2) is not None:
-                        expert_ids[layer].add(int(routed.group(2)))
-                    elif shape:
-                        fused_counts[layer].add(shape[0])
-                if sparsity:
-                    zeros = _count_zeros(handle, name, shape)
-                    zeros_total[kind] += zeros
-                    numel_total[kind] += numel
-                    if layer is not None:
-                        zeros_by_layer[layer][kind] += zeros
-                        numel_by_layer[layer][kind] += numel
-
-    if weight_map is not None:
-        missing = sorted(set(weight_map) - seen)
-        if missing:
-            raise CheckpointFormatError(
-                f"{len(missing)} tensor(s) listed in model.safetensors.index.json are not in "
-                f"their shard, e.g. {missing[:3]}"
-            )
-
+    # Validate everything the headers can tell before the (optional) pass over the data.
+    per_layer = _group_by_layer(tensors)
     layers = []
     for i, expected in enumerate(experts):
-        found = sorted(fused_counts[i] | ({len(expert_ids[i])} if expert_ids[i] else set()))
-        if expert_ids[i] and expert_ids[i] != set(range(len(expert_ids[i]))):
+        routed = [t for t in per_layer.get(i, []) if t.routed]
+        ids = {t.expert for t in routed if t.expert is not None}
+        fused_sizes = {t.shape[0] for t in routed if t.expert is None and t.shape}
+        found = sorted(fused_sizes | ({len(ids)} if ids else set()))
+        if ids and ids != set(range(len(ids))):
             raise CheckpointFormatError(
-                f"{folder}: layer {i} has per-expert tensors for experts {sorted(expert_ids[i])}; "
+                f"{folder}: layer {i} has per-expert tensors for experts {sorted(ids)}; "
                 "expected consecutive indices from 0"
             )
         if (expected is None and found) or (expected is not None and found != [expected]):
@@ -263,20 +321,19 @@ def model_info(path: str | os.PathLike[str], *, sparsity: bool = False) -> dict:
                 f"{folder}: layer {i} should have {expected} routed experts according to "
                 f"config.json, but its weights hold {found or 'none'}"
             )
-        entry: dict[str, Any] = {
-            "layer": i,
-            "experts": expected,
-            "expert_parameters": layer_params[i],
-            "expert_bytes": layer_bytes[i],
-        }
-        if sparsity:
-            total = sum(numel_by_layer[i].values())
-            entry["zero_fraction"] = sum(zeros_by_layer[i].values()) / total if total else 0.0
-            entry["zero_fraction_by_type"] = {
-                k: zeros_by_layer[i][k] / numel_by_layer[i][k] for k in TENSOR_TYPES if numel_by_layer[i][k]
+        layers.append(
+            {
+                "layer": i,
+                "experts": expected,
+                "expert_parameters": sum(t.numel for t in routed),
+                "expert_bytes": sum(t.nbytes for t in routed),
             }
-        layers.append(entry)
+        )
 
+    dtypes: dict[str, int] = {}
+    for t in tensors:
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.numel
+    parameters = sum(t.numel for t in tensors)
     info: dict[str, Any] = {
         "path": str(folder),
         "model_type": raw_config.get("model_type"),
@@ -285,26 +342,16 @@ def model_info(path: str | os.PathLike[str], *, sparsity: bool = False) -> dict:
         "top_k": adapter.top_k(config),
         "files": [f.name for f in files],
         "parameters": parameters,
-        "tensor_bytes": tensor_bytes,
+        "tensor_bytes": sum(t.nbytes for t in tensors),
         "file_bytes": sum(f.stat().st_size for f in files),
         "total_experts": sum(c for c in experts if c is not None),
-        "routed_expert_parameters": sum(layer_params),
-        "routed_expert_bytes": sum(layer_bytes),
+        "routed_expert_parameters": sum(layer["expert_parameters"] for layer in layers),
+        "routed_expert_bytes": sum(layer["expert_bytes"] for layer in layers),
         "dtypes": dtypes,
         "layers": layers,
     }
     if sparsity:
-        info["sparsity"] = {
-            "zero_fraction": sum(zeros_total.values()) / parameters if parameters else 0.0,
-            "by_type": {
-                k: {
-                    "zeros": zeros_total[k],
-                    "parameters": numel_total[k],
-                    "zero_fraction": zeros_total[k] / numel_total[k] if numel_total[k] else 0.0,
-                }
-                for k in TENSOR_TYPES
-            },
-        }
+        _add_sparsity(info, tensors, files)
     return info
 
 
@@ -318,7 +365,10 @@ _RATIO_KEYS = (
 
 
 def compare_info(
-    before_path: str | os.PathLike[str], after_path: str | os.PathLike[str], *, sparsity: bool = False
+    before_path: str | os.PathLike[str],
+    after_path: str | os.PathLike[str],
+    *,
+    sparsity: bool = False,
 ) -> dict:
     """:func:`model_info` of two checkpoints (e.g. original and pruned) and after/before ratios.
 
@@ -358,10 +408,11 @@ def format_info(info: dict) -> str:
         f"parameters ({_human_bytes(info['routed_expert_bytes'])})",
     ]
     if "sparsity" in info:
+        sparsity = info["sparsity"]
         by_type = ", ".join(
-            f"{k} {v['zero_fraction']:.2%}" for k, v in info["sparsity"]["by_type"].items() if v["parameters"]
+            f"{k} {v['zero_fraction']:.2%}" for k, v in sparsity["by_type"].items() if v["parameters"]
         )
-        lines.append(f"zeros: {info['sparsity']['zero_fraction']:.2%} of all parameters ({by_type})")
+        lines.append(f"zeros: {sparsity['zero_fraction']:.2%} of all parameters ({by_type})")
     rows = []
     for layer in info["layers"]:
         row = {
@@ -421,6 +472,12 @@ def format_comparison(comparison: dict) -> str:
         + "\n\n"
         + format_table(
             layers,
-            ["layer", "experts before", "experts after", "expert params before", "expert params after"],
+            [
+                "layer",
+                "experts before",
+                "experts after",
+                "expert params before",
+                "expert params after",
+            ],
         )
     )

@@ -47,7 +47,9 @@ def _write_atomic(path: str | os.PathLike[str], write: Callable[[str], None]) ->
 
 def _check_counts(name: str, counts: Sequence[int | None]) -> None:
     for index, value in enumerate(counts):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 0
+        ):
             raise ValueError(
                 f"{name}[{index}] must be None (dense layer) or an integer >= 0, got {value!r}"
             )
@@ -85,18 +87,23 @@ def plot_experts_per_layer(
     figure = Figure(figsize=(max(6.0, 0.35 * len(before) + 2.0), 3.6), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    axes.bar(layers[moe] - width / 2, [before[i] for i in moe], width, label="before", color="#9aa5b1")
-    axes.bar(layers[moe] + width / 2, [after[i] for i in moe], width, label="after", color="#2f7ebc")
+    before_moe, after_moe = [before[i] for i in moe], [after[i] for i in moe]
+    axes.bar(layers[moe] - width / 2, before_moe, width, label="before", color="#9aa5b1")
+    axes.bar(layers[moe] + width / 2, after_moe, width, label="after", color="#2f7ebc")
     for i, value in enumerate(before):
         if value is None:
-            axes.text(i, 0, "dense", rotation=90, ha="center", va="bottom", fontsize=7, color="#666")
+            axes.text(
+                i, 0, "dense", rotation=90, ha="center", va="bottom", fontsize=7, color="#666"
+            )
     axes.set_xlabel("decoder layer")
     axes.set_ylabel("routed experts")
     axes.set_title(title)
     axes.set_xlim(-0.6, len(before) - 0.4)
     axes.set_xticks(layers if len(before) <= 32 else layers[:: max(1, len(before) // 16)])
     axes.yaxis.get_major_locator().set_params(integer=True)
-    axes.legend(loc="lower right", fontsize=8)
+    # Headroom above the tallest bar keeps the legend from covering any layer's bars.
+    axes.set_ylim(0, max([*before_moe, *after_moe, 1]) * 1.25)
+    axes.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
     return _write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
 
 
@@ -171,5 +178,6 @@ def format_table(
         padded = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
         return "| " + " | ".join(padded) + " |"
 
-    rule = "| " + " | ".join("-" * (w - 1) + ":" if num else "-" * w for w, num in zip(widths, numeric)) + " |"
+    rules = ["-" * (w - 1) + ":" if num else "-" * w for w, num in zip(widths, numeric)]
+    rule = "| " + " | ".join(rules) + " |"
     return "\n".join([line(columns), rule] + [line(r) for r in cells])

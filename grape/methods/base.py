@@ -196,7 +196,14 @@ class ScoreMethod(ExpertPruningMethod):
     def score(self, stats: LayerStats) -> torch.Tensor:
         """(E,) importance of each expert: the lowest are removed."""
 
-    def _select(self, stats, limits, *, ratio, keep_experts) -> Selection:
+    def _select(
+        self,
+        stats: Mapping[int, LayerStats],
+        limits: Mapping[int, LayerLimits],
+        *,
+        ratio: float | None,
+        keep_experts: int | None,
+    ) -> Selection:
         removals = uniform_removals(limits, ratio=ratio, keep_experts=keep_experts)
         removed: dict[int, list[int]] = {}
         scores: dict[int, list[float]] = {}

@@ -13,12 +13,14 @@ globally cheapest steps while every layer keeps its minimum.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from grape.budget import LayerLimits, allocate_greedy, global_removals_total
 from grape.methods.base import ExpertPruningMethod, Selection, register
+from grape.stats import LayerStats
 
 
 @dataclass
@@ -55,7 +57,14 @@ class GlobalSoftActivationMethod(ExpertPruningMethod):
     name = "global_soft_activation"
     is_global = True
 
-    def _select(self, stats, limits, *, ratio, keep_experts) -> Selection:
+    def _select(
+        self,
+        stats: Mapping[int, LayerStats],
+        limits: Mapping[int, LayerLimits],
+        *,
+        ratio: float | None,
+        keep_experts: int | None,
+    ) -> Selection:
         total = global_removals_total(limits, ratio=ratio, keep_experts=keep_experts)
         shares = {
             layer: s.soft_mass.double() / max(s.num_tokens, 1) for layer, s in stats.items()

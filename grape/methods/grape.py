@@ -9,7 +9,8 @@ brackets).
 experts (row k of M, K x E; the identity at the start), so its output on sampled token t is
 o_k(t) = sum_i M_ki o_i(t) and every inner product follows from the stored token Grams:
 <o_a(t), o_b(t)> = M_a G_t M_b^T. The per-token traffic W (S x K) starts as the unpruned
-layer's dense routing weights, so the layer output on token t is sum_k W_tk o_k(t).
+layer's dense routing weights, so the layer output on token t is sum_k W_tk o_k(t). (Clusters
+partition the original experts, so M is stored as each original's cluster and weight.)
 
 **Cost of removing e** [``cost="substitution"``, default]. e is replaced by its nearest kept
 neighbour n, which takes over e's tokens with e's weights; the layer output on token t moves by
@@ -25,6 +26,9 @@ dividing by the layer's own output energy would overrate layers that contribute 
 Two identical experts cost exactly 0 whatever top_k is (no re-routing assumption enters), and so
 does an expert no sampled token is routed to. The distance is computed as
 G_ee + G_nn - 2 G_en per token *before* weighting, so equal Gram entries give an exact 0.
+The cost is incremental: the perturbation of the layer's current (already pruned) output, not
+the error against the unpruned layer, so cross terms between two removals in one layer are
+ignored; ``cost="reroute"`` (below) is the cumulative, exact alternative.
 
 **Nearest neighbour.** n(e) = the kept expert minimising that cost. Ties (e.g. e is never routed,
 so every n costs 0) go to the smallest unweighted output distance sum_t ||o_e - o_n||^2 (the
@@ -39,7 +43,11 @@ deleted, so removing n later costs what dropping the pair's tokens costs. Merge 
 (f_e o_e + f_n o_n) / (f_e + f_n) (M row and f_n += f_e; equal weights if both are 0), which
 is what the surgery's frequency-weighted weight average produces to first order (exactly for
 the linear part of an expert). The update is exact and cheap: only n's row and column of the
-cost matrix change (only its row in drop mode), an O(S K) refresh.
+cost matrix change (only its row in drop mode), an O(S K) refresh; in merge mode the merged
+cluster's inner products with every original expert, G_t M_n^T, are linear in M and kept up to
+date in O(S E). Note that an average of dissimilar experts has a smaller output than either,
+so a merged cluster is a cheap substitute for further experts and clusters can snowball; the
+cost still measures the modelled perturbation, and the trace shows the clusters formed.
 A grouped layer (n_group > 1) removes the cheapest expert of every group in one step, so every
 group keeps the same count; min_keep bounds the number of steps per layer. The step is ranked
 by its cost *per removed expert* (the summed cost / n_group): with one n_group for the whole
@@ -71,6 +79,12 @@ error when e is removed and the pruned router re-routes its tokens (token Grams 
 candidate per step (O(K) routings instead of an O(S K) refresh), so it is much slower on wide
 layers; merge mode changes outputs, which re-routing alone does not model, hence drop only.
 
+**Speed** (one CPU thread, float64, E = 128, S = 1024 sampled tokens, 48 layers, ratio 0.5, so
+3072 removals): about 12 s of CPU time for the substitution cost in drop or merge mode, most of
+it the one pass over each layer's token Grams at the start. ``cost="reroute"`` costs about one
+routing (S x E top-k) per kept expert per step: seconds per step at E = 128, a fraction of a
+second in all on 8-expert models.
+
 ``scores`` holds each expert's cost in the unpruned layer; ``info`` the greedy ``trace`` (layer,
 expert, cost, substitute, merged_into per removal in order), the guard's restarts, caps and
 final entropy. Everything is deterministic: same statistics and options, same plan.
@@ -80,8 +94,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -213,10 +227,11 @@ class _SubstitutionLayer:
                     self._towards(n).mul(1 - share), self._towards(e), alpha=share
                 )
                 self.towards.pop(int(self.ids[e]), None)
-        index = torch.ones(len(self.ids), dtype=torch.bool)
-        index[[e for e, _ in chosen]] = False
-        self.owner = index.cumsum(0).sub_(1)[self.owner]
-        index = index.nonzero().flatten()
+        survives = torch.ones(len(self.ids), dtype=torch.bool)
+        survives[[e for e, _ in chosen]] = False
+        if self.merge:  # every original now belongs to a surviving cluster: renumber them
+            self.owner = survives.cumsum(0).sub_(1)[self.owner]
+        index = survives.nonzero().flatten()
         self.traffic = self.traffic[:, index]
         self.weight = self.weight[:, index]
         self.freq = self.freq[index]
@@ -273,34 +288,29 @@ class _ReroutingLayer:
         return self.steps[step].cost
 
     def _advance(self) -> None:
-        chosen: list[tuple[int, float]] = []
+        chosen: list[int] = []
+        errors: dict[int, float] = {}
         for members in self.lim.groups():
-            increase = {}
             for e in (e for e in members if self.keep[e]):
                 keep = self.keep.clone()
                 keep[e] = False
-                increase[e] = (self.error(keep) - self.current) / self.energy
-            if not self.steps:
-                for e, value in increase.items():
-                    self.scores[e] = value
-            chosen.append(min(increase.items(), key=lambda item: (item[1], item[0])))
-        for e, _ in chosen:
-            self.keep[e] = False
-        if len(chosen) == 1:
-            cost = chosen[0][1]
-            self.current += cost * self.energy
-        else:
-            error = self.error(self.keep)
-            cost = (error - self.current) / self.energy / len(chosen)
-            self.current = error
+                errors[e] = self.error(keep)
+            candidates = [e for e in members if self.keep[e]]
+            chosen.append(min(candidates, key=lambda e: (errors[e], e)))
+        if not self.steps:
+            for e, error in errors.items():
+                self.scores[e] = (error - self.current) / self.energy
+        self.keep[chosen] = False
+        error = errors[chosen[0]] if len(chosen) == 1 else self.error(self.keep)
         self.steps.append(
             _Step(
-                experts=tuple(e for e, _ in chosen),
+                experts=tuple(chosen),
                 substitutes=(None,) * len(chosen),
-                expert_costs=tuple(c for _, c in chosen),
-                cost=cost,
+                expert_costs=tuple((errors[e] - self.current) / self.energy for e in chosen),
+                cost=(error - self.current) / self.energy / len(chosen),
             )
         )
+        self.current = error
 
 
 @register
@@ -308,7 +318,7 @@ class GRAPEMethod(ExpertPruningMethod):
     """Global greedy removal of redundant experts with an entropy guard (see module docs)."""
 
     name = "grape"
-    is_global: ClassVar[bool] = True
+    is_global = True
     default_options = {"cost": "substitution", "entropy_floor": 0.5, "max_layer_share": 0.5}
 
     def __init__(self, *, merge: bool = False, seed: int = 0, **options) -> None:
@@ -319,13 +329,22 @@ class GRAPEMethod(ExpertPruningMethod):
         if cost == "reroute" and merge:
             raise ValueError("grape cost='reroute' models dropping only; use it without merge")
         if not 0.0 <= self.options["entropy_floor"] < 1.0:
-            raise ValueError(f"entropy_floor must be in [0, 1), got {self.options['entropy_floor']}")
+            raise ValueError(
+                f"entropy_floor must be in [0, 1), got {self.options['entropy_floor']}"
+            )
         if not 0.0 < self.options["max_layer_share"] <= 1.0:
             raise ValueError(
                 f"max_layer_share must be in (0, 1], got {self.options['max_layer_share']}"
             )
 
-    def _select(self, stats, limits, *, ratio, keep_experts) -> Selection:
+    def _select(
+        self,
+        stats: Mapping[int, LayerStats],
+        limits: Mapping[int, LayerLimits],
+        *,
+        ratio: float | None,
+        keep_experts: int | None,
+    ) -> Selection:
         total = global_removals_total(limits, ratio=ratio, keep_experts=keep_experts)
         if self.options["cost"] == "reroute":
             layers = {l: _ReroutingLayer(stats[l], limits[l]) for l in sorted(stats)}
@@ -377,8 +396,8 @@ class GRAPEMethod(ExpertPruningMethod):
         restarts = 0
         relaxed = None
         while (offender := self._offender(order, layers, total)) is not None:
-            taken = Counter(layer for layer, _ in order)[offender]
-            caps = {**caps, offender: taken * layers[offender].step_size - layers[offender].step_size}
+            steps = Counter(layer for layer, _ in order)[offender]
+            caps = {**caps, offender: (steps - 1) * layers[offender].step_size}
             try:
                 order = allocate_greedy(layers, total, caps)
             except BudgetError:
@@ -388,7 +407,7 @@ class GRAPEMethod(ExpertPruningMethod):
                 }
                 try:
                     order = allocate_greedy(layers, total, caps)
-                    relaxed = "thresholds unreachable: capped layers relaxed to their uniform counts"
+                    relaxed = "thresholds unreachable: capped layers capped at uniform counts"
                 except BudgetError:
                     caps = {}
                     order = allocate_greedy(layers, total)

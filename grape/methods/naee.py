@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 
 import torch
 
 from grape.budget import LayerLimits, uniform_removals
 from grape.methods.base import ExpertPruningMethod, Selection, register
 from grape.methods.reconstruction import ReroutingError, residual_energy
+from grape.stats import LayerStats
 
 
 @register
@@ -37,7 +39,14 @@ class NAEEMethod(ExpertPruningMethod):
     is_global = False
     default_options = {"exhaustive_limit": 3000, "beam_width": 8}
 
-    def _select(self, stats, limits, *, ratio, keep_experts) -> Selection:
+    def _select(
+        self,
+        stats: Mapping[int, LayerStats],
+        limits: Mapping[int, LayerLimits],
+        *,
+        ratio: float | None,
+        keep_experts: int | None,
+    ) -> Selection:
         removals = uniform_removals(limits, ratio=ratio, keep_experts=keep_experts)
         removed: dict[int, list[int]] = {}
         scores: dict[int, list[float]] = {}
@@ -66,18 +75,10 @@ class NAEEMethod(ExpertPruningMethod):
         groups = lim.groups()
         combos = math.prod(math.comb(len(g), per_group) for g in groups)
         if combos <= self.options["exhaustive_limit"]:
-            best = min(
-                (
-                    (error(_mask(lim.num_experts, drop)), drop)
-                    for drop in (
-                        tuple(sorted(itertools.chain(*parts)))
-                        for parts in itertools.product(
-                            *(itertools.combinations(g, per_group) for g in groups)
-                        )
-                    )
-                ),
-            )
-            return best[1], best[0], {"kind": "exhaustive", "evaluated": combos}
+            per_group_choices = (itertools.combinations(g, per_group) for g in groups)
+            drops = (tuple(sorted(itertools.chain(*p))) for p in itertools.product(*per_group_choices))
+            err, best = min((error(_mask(lim.num_experts, drop)), drop) for drop in drops)
+            return best, err, {"kind": "exhaustive", "evaluated": combos}
         beams: list[tuple[float, tuple[int, ...]]] = [(0.0, ())]
         evaluated = 0
         for level in range(count):

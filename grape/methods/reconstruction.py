@@ -43,6 +43,7 @@ class ReroutingError:
     def __init__(self, stats: LayerStats) -> None:
         self.stats = stats
         self._ids, self._weights = route(stats.token_logits, stats.spec)
+        self._grams = stats.token_gram.double().reshape(-1)  # a view unless it must be copied
 
     def __call__(self, keep: torch.Tensor) -> float:
         """Sum over sampled tokens of ||y_t - y'_t||^2 when only experts ``keep`` (bool, E) stay."""
@@ -53,13 +54,18 @@ class ReroutingError:
         diff = torch.zeros(stats.token_logits.shape, dtype=torch.float64)
         diff.scatter_add_(1, self._ids, self._weights.double())
         diff.scatter_add_(1, ids, -weights.double())
-        support = torch.cat([self._ids, ids], dim=1)
+        # Tokens whose routing did not change at all add nothing: skip them. (Sigmoid and
+        # top-k-first routers leave every token that had no removed expert bitwise unchanged.)
+        changed = diff.ne(0).any(1).nonzero().flatten()
+        diff, old, ids = diff[changed], self._ids[changed], ids[changed]
+        support = torch.cat([old, ids], dim=1)
         # An expert in both top-k sets must be counted once: zero its second copy.
-        repeated = (ids.unsqueeze(-1) == self._ids.unsqueeze(-2)).any(-1)
+        repeated = (ids.unsqueeze(-1) == old.unsqueeze(-2)).any(-1)
         coeff = diff.gather(1, support)
-        coeff[:, self._ids.shape[1]:] = coeff[:, self._ids.shape[1]:].masked_fill(repeated, 0.0)
-        tokens, num = diff.shape
-        width = support.shape[1]
-        flat = (support.unsqueeze(2) * num + support.unsqueeze(1)).view(tokens, width * width)
-        block = stats.token_gram.view(tokens, num * num).gather(1, flat).view(tokens, width, width)
+        coeff[:, old.shape[1]:] = coeff[:, old.shape[1]:].masked_fill(repeated, 0.0)
+        # Read only the (2k x 2k) blocks, straight from the flattened Grams.
+        num = diff.shape[1]
+        pairs = support.unsqueeze(2) * num + support.unsqueeze(1)
+        flat = changed.view(-1, 1, 1) * num * num + pairs
+        block = self._grams[flat]
         return float(torch.einsum("ti,tij,tj->", coeff, block, coeff))

@@ -67,7 +67,7 @@ class SparsityPlan:
             if sparsity is not None and abs(sparsity - implied) > 1e-9:
                 raise ValueError(
                     f"pattern {pattern} prunes exactly {implied:g} of the weights; "
-                    f"--sparsity {sparsity:g} contradicts it (omit it or pass {implied:g})"
+                    f"--sparsity {sparsity:g} contradicts it (pass {implied:g})"
                 )
             sparsity = implied
         if sparsity is None:

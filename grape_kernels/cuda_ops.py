@@ -1,0 +1,122 @@
+"""Python front-end of the optional CUDA extension ``grape_kernels._C`` (sources in ``csrc/``).
+
+The extension is built by ``setup.py`` only where a CUDA toolkit and a CUDA build of torch are
+present; everywhere else this module imports fine and :func:`available` says ``False``, so
+callers can pick another backend. The wrappers have the signatures of the Triton ones
+(:func:`grape_kernels.triton.route_topk`, :func:`grape_kernels.triton.align_block_size`) and
+validate input with the same shared checks before anything reaches the device.
+
+Differences from the Triton versions, both inherent to the CUDA design (one warp per token,
+atomic cursors): ``top_k <= 32`` and ``n_group <= 32``; and within one expert the order of the
+sorted slots is not deterministic (the grouped GEMM's result does not depend on it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grape_kernels.kernel_checks import check_align_args, check_route_args
+
+try:
+    from grape_kernels import _C
+except ImportError:
+    _C = None
+
+__all__ = ["available", "route_topk", "align_block_size", "ROUTING_MODES", "MAX_TOP_K", "MAX_GROUPS"]
+
+ROUTING_MODES = ("softmax_topk", "topk_softmax", "sigmoid_group")
+MAX_TOP_K = 32  # grape::kMaxTopK in csrc/moe_kernels.h
+MAX_GROUPS = 32  # grape::kMaxGroups
+_MODE_CODES = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_group": 2}
+
+
+def available() -> bool:
+    """True when the extension was built and a CUDA device can run it."""
+    return _C is not None and torch.cuda.is_available()
+
+
+def _require_device(tensor: torch.Tensor, name: str) -> None:
+    if _C is None:
+        raise RuntimeError(
+            "the CUDA extension grape_kernels._C is not built; install grape with a CUDA toolkit and "
+            "a CUDA build of torch (pip install --no-build-isolation .) or use another backend"
+        )
+    if tensor.device.type != "cuda":
+        raise ValueError(f"{name} must be a CUDA tensor for the cuda backend, got device {tensor.device}")
+
+
+def route_topk(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    mode: str = "softmax_topk",
+    renormalize: bool = False,
+    scaling: float = 1.0,
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route every token on the GPU: ids ``(T, k)`` int32 and weights ``(T, k)`` float32.
+
+    Same semantics as :func:`grape_kernels.triton.route_topk` (and :func:`grape.routing.route`);
+    ties resolve to the lowest expert id.
+    """
+    check_route_args(logits, top_k, mode, correction_bias, n_group, topk_group)
+    if top_k > MAX_TOP_K:
+        raise ValueError(f"the CUDA router supports top_k <= {MAX_TOP_K}, got {top_k}")
+    if n_group > MAX_GROUPS:
+        raise ValueError(f"the CUDA router supports n_group <= {MAX_GROUPS}, got {n_group}")
+    _require_device(logits, "logits")
+    tokens = logits.shape[0]
+    ids = torch.empty((tokens, top_k), dtype=torch.int32, device=logits.device)
+    weights = torch.empty((tokens, top_k), dtype=torch.float32, device=logits.device)
+    if tokens == 0:
+        return ids, weights
+    # The kernel reads the (E,)-sized bias as contiguous fp32; converting it is negligible.
+    bias = None if correction_bias is None else correction_bias.to(torch.float32).contiguous()
+    with torch.cuda.device(logits.device):
+        _C.route_topk(
+            logits,
+            bias,
+            ids,
+            weights,
+            top_k,
+            _MODE_CODES[mode],
+            bool(renormalize),
+            float(scaling),
+            n_group,
+            topk_group,
+            torch.cuda.current_stream(logits.device).cuda_stream,
+        )
+    return ids, weights
+
+
+def align_block_size(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert-sorted, ``block_m``-padded slot order; same outputs as the Triton version.
+
+    Returns ``sorted_token_ids`` int32 ``(T*k + E*(block_m-1),)`` (padding = ``T*k``),
+    ``expert_ids`` int32 per tile (``-1`` past the padded total) and the 0-dim int32
+    ``num_tokens_post_padded``. No host synchronisation.
+    """
+    check_align_args(topk_ids, num_experts, block_m)
+    _require_device(topk_ids, "topk_ids")
+    device = topk_ids.device
+    rows = topk_ids.numel() + num_experts * (block_m - 1)
+    sorted_ids = torch.empty((rows,), dtype=torch.int32, device=device)
+    expert_ids = torch.empty((-(-rows // block_m),), dtype=torch.int32, device=device)
+    post_pad = torch.empty((), dtype=torch.int32, device=device)
+    workspace = torch.empty((2 * num_experts,), dtype=torch.int32, device=device)
+    with torch.cuda.device(device):
+        _C.align_block_size(
+            topk_ids,
+            num_experts,
+            block_m,
+            sorted_ids,
+            expert_ids,
+            post_pad,
+            workspace,
+            torch.cuda.current_stream(device).cuda_stream,
+        )
+    return sorted_ids, expert_ids, post_pad

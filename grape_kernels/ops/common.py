@@ -1,0 +1,129 @@
+"""The contract every experts backend shares: argument checks and the gated activations.
+
+All backends (``reference``, ``dense``, ``cpu``, ``triton``) take the arguments of
+``grape_kernels.triton.fused_experts``::
+
+    fn(hidden (T, H), w_gate_up, w_down, topk_ids (T, k), topk_weights (T, k), *,
+       gate_up_bias=None, down_bias=None, activation="silu", swiglu_alpha=1.702,
+       swiglu_limit=7.0, transposed=False, interleaved=False) -> (T, H)
+
+with ``w_gate_up`` (E, 2I, H) and ``w_down`` (E, H, I), or (E, H, 2I) / (E, I, H) when
+``transposed`` (GPT-OSS). ``E`` is read from the weights on every call, never from a config,
+because a pruned ("ragged") model has a different expert count in every layer.
+
+Shapes, dtypes and devices are checked by ``grape_kernels.kernel_checks.check_experts_args``,
+the same function the GPU launchers call, so every backend rejects the same bad call with the
+same ``ValueError`` before doing any work (a mismatched shape deep inside a per-expert loop
+would otherwise surface as an opaque BLAS error, or not at all for experts without tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch.nn import functional as F
+
+from grape_kernels.kernel_checks import ACTIVATIONS, ExpertsProblem, check_experts_args
+
+__all__ = [
+    "ACTIVATIONS",
+    "ExpertsFn",
+    "ExpertsProblem",
+    "check_experts_inputs",
+    "gated_activation",
+    "split_gate_up",
+]
+
+
+class ExpertsFn(Protocol):
+    """Signature shared by every experts backend (see the module docstring)."""
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        w_gate_up: torch.Tensor,
+        w_down: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        *,
+        gate_up_bias: torch.Tensor | None = None,
+        down_bias: torch.Tensor | None = None,
+        activation: str = "silu",
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
+        transposed: bool = False,
+        interleaved: bool = False,
+    ) -> torch.Tensor: ...
+
+
+def check_experts_inputs(
+    hidden: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    *,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    activation: str = "silu",
+    transposed: bool = False,
+) -> ExpertsProblem:
+    """Validate an experts call (``check_experts_args`` plus two checks it leaves out).
+
+    Biases must share the hidden dtype (the PyTorch backends add them in place). Expert ids
+    must lie in [0, E): on the CPU that check is one cheap reduction and turns the classic
+    ragged-model bug (a router of 8 experts driving a layer pruned to 4) into an error instead
+    of silently wrong output. On a GPU it would force a host sync per layer, so there the
+    kernels' rule applies instead (ids outside [0, E) contribute nothing).
+
+    Raises:
+        ValueError: naming the offending argument.
+    """
+    problem = check_experts_args(
+        hidden, w_gate_up, w_down, topk_ids, topk_weights, gate_up_bias, down_bias, activation, transposed
+    )
+    for name, bias in (("gate_up_bias", gate_up_bias), ("down_bias", down_bias)):
+        if bias is not None and bias.dtype != hidden.dtype:
+            raise ValueError(f"{name} is {bias.dtype} but hidden is {hidden.dtype}")
+    if hidden.device.type == "cpu" and topk_ids.numel() > 0:
+        low, high = (int(v) for v in torch.aminmax(topk_ids))
+        if low < 0 or high >= problem.experts:
+            raise ValueError(
+                f"topk_ids must lie in [0, {problem.experts}) for a layer with E={problem.experts} "
+                f"experts, got values in [{low}, {high}]"
+            )
+    return problem
+
+
+def split_gate_up(gate_up: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the gate and up halves of a (..., 2I) projection output.
+
+    Concatenated layouts store all gate columns first; GPT-OSS interleaves them
+    (gate0, up0, gate1, up1, ...).
+    """
+    if interleaved:
+        return gate_up[..., 0::2], gate_up[..., 1::2]
+    half = gate_up.shape[-1] // 2
+    return gate_up[..., :half], gate_up[..., half:]
+
+
+def gated_activation(
+    gate_up: torch.Tensor,
+    activation: str,
+    *,
+    interleaved: bool = False,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
+) -> torch.Tensor:
+    """(..., I) activation of a (..., 2I) gate/up projection, out of place.
+
+    This is the straightforward formulation used by the oracle and the dense backend; the
+    CPU fast path has its own in-place version of the same arithmetic.
+    """
+    gate, up = split_gate_up(gate_up, interleaved)
+    if activation == "silu":
+        return F.silu(gate) * up
+    gate = gate.clamp(max=swiglu_limit)
+    up = up.clamp(min=-swiglu_limit, max=swiglu_limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * swiglu_alpha))

@@ -1,0 +1,239 @@
+"""The fast CPU path: sort (token, slot) pairs by expert once, then one GEMM per active expert.
+
+Why it is built this way (every choice measured on the project's AVX-512 CPU, one thread,
+CPU time; the tables are in benchmarks/RESULTS.md):
+
+- Dispatch is vectorised: ``bincount`` + ``argsort`` of the T*k expert ids replace the
+  per-expert ``one_hot``/``where`` scans of transformers' eager path, and the Python-level
+  work is one loop over the experts that actually received tokens. Experts with no tokens cost
+  nothing, which is what makes a pruned layer with a few hot experts cheap.
+- Each expert's tokens are a contiguous slice of one gathered (S, H) matrix, so each GEMM
+  writes into a slice of a preallocated buffer (no per-expert allocation, no ``cat``); gate and
+  up come out of one fused (S, 2I) GEMM; activation and routing weights are applied in place.
+- The GEMM formulation is chosen per expert by its row count (``_linear_into``). For float32,
+  MKL's sgemm (what ``torch.mm`` uses) is slow for a few rows against a large weight; oneDNN's
+  matmul is 1.3-1.9x faster from 4 rows up on weights of >= 2M elements, and for 2-3 rows the
+  weight-major product ``W @ x.T`` (the GEMV-like case MKL handles well) is 1.5-3x faster than
+  ``x @ W.T``. bfloat16 GEMMs already go through oneDNN and show no such gaps, so they always
+  use ``torch.mm``.
+- The weighted top-k sum is one ``index_add_`` into a float32 accumulator (4x faster than
+  un-permuting and summing over k, and it rounds bfloat16 only once, at the end).
+- A single token (decoding) skips the sort entirely: its k experts are distinct, so a loop
+  over the k pairs reads each expert's weights once.
+
+This path is for inference: ``out=`` GEMMs record no autograd history, so it refuses inputs
+that require gradients (the transformers integration then uses transformers' own
+``grouped_mm``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from grape_kernels.ops.common import check_experts_inputs, split_gate_up
+
+__all__ = ["cpu_experts"]
+
+#: Smallest weight (elements) for which float32 GEMMs of >= 4 rows go through oneDNN; below
+#: it oneDNN's per-call overhead outweighs its faster kernel (measured break-even ~1-2M).
+_ONEDNN_MIN_WEIGHT = 1 << 21
+#: Row counts for which float32 uses the weight-major product ``W @ x.T``.
+_WEIGHT_MAJOR_ROWS = (2, 3)
+
+
+def _probe_onednn_linear():
+    """oneDNN's dense linear (``mkldnn::_linear_pointwise``), or None where this torch lacks it.
+
+    The op is what inductor emits for CPU linears; it is not public API, hence the probe.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        probe = op(torch.ones(1, 4), torch.ones(2, 4), None, "none", [None], "")
+    except (AttributeError, RuntimeError):
+        return None
+    return op if torch.equal(probe, torch.full((1, 2), 4.0)) else None
+
+
+_ONEDNN_LINEAR = _probe_onednn_linear()
+
+
+def _probe_grouped_mm():
+    """``torch.nn.functional.grouped_mm`` where it runs on CPU tensors (torch >= 2.9), else None."""
+    grouped_mm = getattr(F, "grouped_mm", None)
+    if grouped_mm is None:
+        return None
+    try:
+        probe = grouped_mm(torch.ones(3, 2), torch.ones(2, 2, 1), offs=torch.tensor([1, 3], dtype=torch.int32))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    return grouped_mm if torch.equal(probe, torch.full((3, 1), 2.0)) else None
+
+
+_GROUPED_MM = _probe_grouped_mm()
+
+
+def _plain_mm_everywhere(x: torch.Tensor, weight: torch.Tensor, sizes: list[int]) -> bool:
+    """True when ``_linear_into`` would pick ``torch.mm`` for every expert of this projection."""
+    if x.dtype != torch.float32:
+        return True
+    if _ONEDNN_LINEAR is not None and weight[0].numel() >= _ONEDNN_MIN_WEIGHT and max(sizes) >= 4:
+        return False
+    return not any(size in _WEIGHT_MAJOR_ROWS for size in sizes)
+
+
+def _project(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    transposed: bool,
+    active: list[int],
+    sizes: list[int],
+    offsets: torch.Tensor,
+    out_features: int,
+) -> torch.Tensor:
+    """One projection of all experts over the expert-sorted rows ``x``: (S, in) -> (S, out).
+
+    Where every expert would use plain ``torch.mm`` anyway, one ``grouped_mm`` call runs the
+    per-expert loop in C++ (5-10% faster than the Python loop on small layers); otherwise each
+    expert gets the formulation ``_linear_into`` picks for its row count.
+    """
+    if _GROUPED_MM is not None and _plain_mm_everywhere(x, weight, sizes):
+        out = _GROUPED_MM(x, weight if transposed else weight.transpose(1, 2), offs=offsets)
+        if bias is not None:
+            out += bias[active].repeat_interleave(torch.tensor(sizes, device=x.device), dim=0)
+        return out
+    out = x.new_empty(x.shape[0], out_features)
+    for expert, x_e, out_e in zip(active, x.split(sizes), out.split(sizes)):
+        _linear_into(out_e, x_e, weight[expert], None if bias is None else bias[expert], transposed)
+    return out
+
+
+def _linear_into(
+    out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool
+) -> None:
+    """``out = x @ W.T + bias`` (``x @ W + bias`` for transposed storage), fastest formulation."""
+    rows = x.shape[0]
+    w_out_in = weight.t() if transposed else weight
+    if x.dtype == torch.float32:
+        if rows >= 4 and _ONEDNN_LINEAR is not None and weight.numel() >= _ONEDNN_MIN_WEIGHT:
+            out.copy_(_ONEDNN_LINEAR(x, w_out_in, bias, "none", [None], ""))
+            return
+        if rows in _WEIGHT_MAJOR_ROWS and not transposed:
+            if bias is None:
+                result_t = torch.mm(weight, x.t())
+            else:
+                result_t = torch.addmm(bias.unsqueeze(1), weight, x.t())
+            out.copy_(result_t.t())
+            return
+    w_in_out = w_out_in.t()
+    if bias is None:
+        torch.mm(x, w_in_out, out=out)
+    else:
+        torch.addmm(bias, x, w_in_out, out=out)
+
+
+def _activate(gate_up: torch.Tensor, activation: str, interleaved: bool, alpha: float, limit: float) -> torch.Tensor:
+    """Gated activation of a (S, 2I) buffer (overwritten) into a new contiguous (S, I) tensor.
+
+    The result is written contiguously rather than left as a view into the buffer: as a view
+    its rows are 2I elements apart, and with 2I * 4 bytes a multiple of 4 KiB (I = 512 in
+    float32) the down-projection GEMM then ran 20% slower from cache-set aliasing.
+    """
+    gate, up = split_gate_up(gate_up, interleaved)
+    if activation == "silu":
+        F.silu(gate, inplace=True)
+        return torch.mul(gate, up)
+    gate.clamp_(max=limit)
+    up.clamp_(min=-limit, max=limit).add_(1.0)
+    return torch.mul(gate, alpha).sigmoid_().mul_(gate).mul_(up)
+
+
+def cpu_experts(
+    hidden: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    *,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    activation: str = "silu",
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
+    transposed: bool = False,
+    interleaved: bool = False,
+) -> torch.Tensor:
+    """Routed-experts output (T, H) in the input dtype; see the module docstring for the method."""
+    problem = check_experts_inputs(
+        hidden, w_gate_up, w_down, topk_ids, topk_weights, gate_up_bias=gate_up_bias,
+        down_bias=down_bias, activation=activation, transposed=transposed,
+    )
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, w_gate_up, w_down, topk_weights, gate_up_bias, down_bias)
+    ):
+        raise RuntimeError(
+            "the cpu experts backend is inference-only; call it under torch.no_grad() or "
+            "torch.inference_mode(), or use a differentiable implementation for training"
+        )
+    tokens, top_k, experts = problem.tokens, problem.top_k, problem.experts
+    if tokens == 0:
+        return hidden.new_zeros(0, problem.hidden)
+    flat_ids = topk_ids.reshape(-1)
+    layout = dict(activation=activation, interleaved=interleaved, alpha=swiglu_alpha, limit=swiglu_limit)
+    if tokens == 1:
+        return _single_token(hidden, w_gate_up, w_down, gate_up_bias, down_bias, flat_ids, topk_weights,
+                             transposed, problem.intermediate, layout)
+
+    counts = torch.bincount(flat_ids, minlength=experts)
+    offsets = counts.cumsum(0, dtype=torch.int32)
+    order = torch.argsort(flat_ids, stable=True)
+    pair_token = order.div(top_k, rounding_mode="floor")
+    pair_weight = topk_weights.reshape(-1).index_select(0, order)
+    count_list = counts.tolist()
+    active = [expert for expert, count in enumerate(count_list) if count]
+    sizes = [count_list[expert] for expert in active]
+    x = hidden.index_select(0, pair_token)
+
+    gate_up = _project(x, w_gate_up, gate_up_bias, transposed, active, sizes, offsets, 2 * problem.intermediate)
+    h = _activate(gate_up, **layout)
+    y = _project(h, w_down, down_bias, transposed, active, sizes, offsets, problem.hidden)
+    out = torch.zeros(tokens, problem.hidden, dtype=torch.float32, device=hidden.device)
+    out.index_add_(0, pair_token, torch.mul(y, pair_weight.float().unsqueeze(1)))
+    return out.to(hidden.dtype)
+
+
+def _single_token(
+    hidden: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    flat_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    transposed: bool,
+    intermediate: int,
+    layout: dict,
+) -> torch.Tensor:
+    """Decode step: one (1, H) token through its k experts, summed in float32.
+
+    In float32 ``addmm_`` folds the routing weight and the sum into the down GEMM; other
+    dtypes add each expert's output into a float32 accumulator, as the batched path does.
+    """
+    fused = hidden.dtype == torch.float32
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    gate_up = hidden.new_empty(1, 2 * intermediate)
+    for expert, weight in zip(flat_ids.tolist(), topk_weights.reshape(-1).tolist()):
+        bias = None if gate_up_bias is None else gate_up_bias[expert]
+        _linear_into(gate_up, hidden, w_gate_up[expert], bias, transposed)
+        h = _activate(gate_up, **layout)
+        w = w_down[expert] if transposed else w_down[expert].t()
+        if down_bias is not None:
+            out.add_(down_bias[expert], alpha=weight)
+        if fused:
+            out.addmm_(h, w, alpha=weight)
+        else:
+            out.add_(torch.mm(h, w), alpha=weight)
+    return out.to(hidden.dtype)

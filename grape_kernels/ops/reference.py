@@ -1,0 +1,127 @@
+"""The oracle: an obvious per-expert loop, and the routing rules written out in plain PyTorch.
+
+Everything here favours being evidently right over being fast: each expert gathers its tokens
+with a boolean mask, runs its MLP in float32 whatever the input dtype and adds the weighted
+result into a float32 accumulator. Other backends are checked against it, and
+``swap_moe_blocks(model, backend="reference")`` runs a whole model through it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grape_kernels.ops.common import check_experts_inputs, gated_activation
+
+__all__ = ["ROUTING_MODES", "reference_experts", "reference_route_topk"]
+
+#: Routing rules shared with ``grape_kernels.triton.route_topk``.
+ROUTING_MODES: tuple[str, ...] = ("softmax_topk", "topk_softmax", "sigmoid_group")
+
+
+def reference_experts(
+    hidden: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    *,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    activation: str = "silu",
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
+    transposed: bool = False,
+    interleaved: bool = False,
+) -> torch.Tensor:
+    """Routed-experts output (T, H), one expert at a time, computed and accumulated in float32."""
+    problem = check_experts_inputs(
+        hidden, w_gate_up, w_down, topk_ids, topk_weights,
+        gate_up_bias=gate_up_bias, down_bias=down_bias, activation=activation, transposed=transposed,
+    )
+    compute = torch.float32
+    out = torch.zeros(problem.tokens, problem.hidden, dtype=compute, device=hidden.device)
+    for expert in range(problem.experts):
+        token_idx, slot = (topk_ids == expert).nonzero(as_tuple=True)
+        if token_idx.numel() == 0:
+            continue
+        x = hidden[token_idx].to(compute)
+        w1 = w_gate_up[expert].to(compute)
+        gate_up = x @ w1 if transposed else x @ w1.T
+        if gate_up_bias is not None:
+            gate_up = gate_up + gate_up_bias[expert].to(compute)
+        h = gated_activation(
+            gate_up, activation, interleaved=interleaved, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit
+        )
+        w2 = w_down[expert].to(compute)
+        y = h @ w2 if transposed else h @ w2.T
+        if down_bias is not None:
+            y = y + down_bias[expert].to(compute)
+        out.index_add_(0, token_idx, y * topk_weights[token_idx, slot].to(compute).unsqueeze(1))
+    return out.to(hidden.dtype)
+
+
+def reference_route_topk(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    mode: str = "softmax_topk",
+    renormalize: bool = False,
+    scaling: float = 1.0,
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ids (T, k) int32 and weights (T, k) float32 from router logits (T, E).
+
+    Same signature and semantics as ``grape_kernels.triton.route_topk``:
+
+    - ``softmax_topk`` (Mixtral, Qwen, OLMoE, DeepSeek-V2 greedy): softmax over all experts,
+      keep the k largest, optionally renormalise them to sum to one.
+    - ``topk_softmax`` (GPT-OSS): keep the k largest logits, softmax over those k.
+    - ``sigmoid_group`` (DeepSeek-V3): sigmoid scores; the *choice* adds ``correction_bias``
+      and is restricted to the ``topk_group`` best of ``n_group`` contiguous groups (group
+      score = sum of its two best biased scores); weights are the unbiased scores,
+      renormalised with a 1e-20 guard when asked.
+
+    ``scaling`` multiplies the final weights in every mode.
+    """
+    if mode not in ROUTING_MODES:
+        raise ValueError(f"mode must be one of {ROUTING_MODES}, got {mode!r}")
+    if logits.dim() != 2:
+        raise ValueError(f"router logits must be (tokens, experts), got {tuple(logits.shape)}")
+    experts = logits.shape[1]
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"top_k={top_k} must be between 1 and the number of experts E={experts}")
+    if mode != "sigmoid_group" and (n_group != 1 or correction_bias is not None):
+        raise ValueError(f"n_group / correction_bias apply to mode='sigmoid_group' only, not {mode!r}")
+    logits = logits.float()
+    if mode == "topk_softmax":
+        top, ids = logits.topk(top_k, dim=-1)
+        return ids.to(torch.int32), top.softmax(dim=-1) * scaling
+    if mode == "softmax_topk":
+        weights, ids = logits.softmax(dim=-1).topk(top_k, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids.to(torch.int32), weights * scaling
+
+    if experts % n_group != 0:
+        raise ValueError(f"E={experts} experts do not split into n_group={n_group} equal groups")
+    per_group = experts // n_group
+    if not 1 <= topk_group <= n_group or topk_group * per_group < top_k:
+        raise ValueError(
+            f"topk_group={topk_group} of n_group={n_group} groups ({per_group} experts each) "
+            f"cannot supply top_k={top_k} experts"
+        )
+    scores = logits.sigmoid()
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if n_group > 1:
+        grouped = choice.view(-1, n_group, per_group)
+        group_scores = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
+        best = group_scores.topk(topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(per_group, dim=1), float("-inf"))
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids.to(torch.int32), weights * scaling

@@ -1,0 +1,285 @@
+"""Router top-k as one Triton kernel: scores, (group-limited) selection and weights.
+
+Semantics are those of :func:`grape.routing.route` (the source of truth, and what the tests
+compare against); the modes map onto its ``RoutingSpec`` as
+
+========================  ================================================================
+``"softmax_topk"``        ``score_fn="softmax"`` (Mixtral, Qwen2/3-MoE, OLMoE)
+``"topk_softmax"``        ``topk_before_softmax=True`` (GPT-OSS); ``renormalize`` is moot
+                          because a softmax over the chosen k already sums to one
+``"sigmoid_group"``       ``score_fn="sigmoid"``, ``group_score="top2_sum"`` (DeepSeek-V3)
+========================  ================================================================
+
+Design. One program routes ``_BLOCK_T`` tokens. ``E`` is a runtime argument (also excluded
+from Triton's value specialisation): the kernel walks each row in fixed tiles of
+``_BLOCK_E`` experts, so one compiled kernel serves every layer of a ragged model whatever its
+expert count; only ``top_k``, the same for all layers, sets the width of the small register
+tile that collects the winners. Top-k is ``k`` arg-max passes; pass ``j`` only considers
+experts strictly *after* the previous winner in the order (choice value descending, expert
+id ascending), so no "already taken" mask has to be stored and ties resolve to the lowest id.
+Softmax top-k selects on the logits themselves (softmax is monotone), so probabilities are
+only computed for the k winners. Group-limited routing keeps each token's chosen groups as
+the bits of an int32, which turns "is this expert's group chosen" into a shift.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from grape_kernels.kernel_checks import check_route_args
+
+__all__ = ["route_topk"]
+
+_BLOCK_T = 32  # tokens per program
+_BLOCK_E = 32  # experts per tile; a fixed width keeps E out of the compiled specialisation
+_MAX_GROUPS = 32  # chosen groups are kept as bits of an int32
+_NO_EXPERT = 2**30  # larger than any expert id, used as "no candidate yet" in arg-min ties
+
+_MODE_CODES = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_group": 2}
+
+
+@triton.jit
+def _scores(
+    logits_ptr,
+    bias_ptr,
+    rows,
+    row_mask,
+    experts,
+    col_mask,
+    stride_le,
+    stride_b,
+    MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """(score, choice) of a [tokens, experts] tile: the weight source and the selection key.
+
+    ``rows`` are token offsets already multiplied by the row stride. Masked entries get
+    choice ``-inf`` so they never win a max.
+    """
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(logits_ptr + rows[:, None] + experts[None, :] * stride_le, mask=mask, other=0.0).to(tl.float32)
+    if MODE == 2:
+        score = tl.sigmoid(x)
+        choice = score
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + experts * stride_b, mask=col_mask, other=0.0).to(tl.float32)
+            choice = score + bias[None, :]
+    else:
+        score = x
+        choice = x
+    return score, tl.where(mask, choice, float("-inf"))
+
+
+@triton.jit
+def _tile_top2(choice, experts, NO_EXPERT: tl.constexpr):
+    """Best and second-best value of each row of a tile (of equal values, one counts first)."""
+    t1 = tl.max(choice, axis=1)
+    first = tl.min(tl.where(choice == t1[:, None], experts[None, :], NO_EXPERT), axis=1)
+    t2 = tl.max(tl.where(experts[None, :] == first[:, None], float("-inf"), choice), axis=1)
+    return t1, t2
+
+
+@triton.jit(do_not_specialize=["num_tokens", "num_experts", "per_group", "n_group", "topk_group"])
+def _route_kernel(
+    logits_ptr,
+    bias_ptr,
+    ids_ptr,
+    weights_ptr,
+    num_tokens,
+    num_experts,
+    top_k,
+    per_group,
+    n_group,
+    topk_group,
+    scaling,
+    stride_lt,
+    stride_le,
+    stride_b,
+    stride_it,
+    stride_wt,
+    MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GROUPED: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    NO_EXPERT: tl.constexpr,
+):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = tokens < num_tokens
+    rows = tokens.to(tl.int64) * stride_lt
+    lanes = tl.arange(0, BLOCK_E)
+
+    if MODE == 0:
+        # Softmax statistics over the full row (max, then sum of exponentials).
+        row_max = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+        for e0 in range(0, num_experts, BLOCK_E):
+            experts = e0 + lanes
+            in_row = experts < num_experts
+            _, x = _scores(logits_ptr, bias_ptr, rows, row_mask, experts, in_row, stride_le, stride_b, MODE, HAS_BIAS)
+            row_max = tl.maximum(row_max, tl.max(x, axis=1))
+        row_max = tl.where(row_mask, row_max, 0.0)
+        denom = tl.zeros((BLOCK_T,), tl.float32)
+        for e0 in range(0, num_experts, BLOCK_E):
+            experts = e0 + lanes
+            in_row = experts < num_experts
+            _, x = _scores(logits_ptr, bias_ptr, rows, row_mask, experts, in_row, stride_le, stride_b, MODE, HAS_BIAS)
+            denom += tl.sum(tl.exp(x - row_max[:, None]), axis=1)
+        denom = tl.where(row_mask, denom, 1.0)  # rows past the end are never stored
+
+    if GROUPED:
+        # Group score = sum of the two best choice values of the group (DeepSeek-V3), as a
+        # running top-2 over the group's expert tiles; then the best topk_group groups.
+        groups = tl.arange(0, BLOCK_G)
+        group_score = tl.full((BLOCK_T, BLOCK_G), float("-inf"), tl.float32)
+        for g in range(n_group):
+            top1 = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+            top2 = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+            for p0 in range(0, per_group, BLOCK_E):
+                experts = g * per_group + p0 + lanes
+                _, choice = _scores(
+                    logits_ptr,
+                    bias_ptr,
+                    rows,
+                    row_mask,
+                    experts,
+                    p0 + lanes < per_group,
+                    stride_le,
+                    stride_b,
+                    MODE,
+                    HAS_BIAS,
+                )
+                t1, t2 = _tile_top2(choice, experts, NO_EXPERT)
+                top2 = tl.maximum(tl.minimum(top1, t1), tl.maximum(top2, t2))
+                top1 = tl.maximum(top1, t1)
+            score_g = tl.where(per_group > 1, top1 + top2, top1)
+            group_score = tl.where(groups[None, :] == g, score_g[:, None], group_score)
+        chosen_bits = tl.zeros((BLOCK_T,), tl.int32)
+        for _ in range(topk_group):
+            open_group = (groups[None, :] < n_group) & (((chosen_bits[:, None] >> groups[None, :]) & 1) == 0)
+            cand = tl.where(open_group, group_score, float("-inf"))
+            best = tl.max(cand, axis=1)
+            pick = tl.min(tl.where(open_group & (cand == best[:, None]), groups[None, :], BLOCK_G), axis=1)
+            chosen_bits = chosen_bits | tl.where(pick < BLOCK_G, 1 << pick, 0)
+
+    slots = tl.arange(0, BLOCK_K)
+    sel_score = tl.zeros((BLOCK_T, BLOCK_K), tl.float32)
+    sel_id = tl.zeros((BLOCK_T, BLOCK_K), tl.int32)
+    prev_v = tl.full((BLOCK_T,), float("inf"), tl.float32)
+    prev_i = tl.full((BLOCK_T,), -1, tl.int32)
+    for j in range(top_k):
+        best_v = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+        best_i = tl.full((BLOCK_T,), NO_EXPERT, tl.int32)
+        best_s = tl.zeros((BLOCK_T,), tl.float32)
+        for e0 in range(0, num_experts, BLOCK_E):
+            experts = e0 + lanes
+            in_row = experts < num_experts
+            score, choice = _scores(
+                logits_ptr, bias_ptr, rows, row_mask, experts, in_row, stride_le, stride_b, MODE, HAS_BIAS
+            )
+            after_prev = (choice < prev_v[:, None]) | (
+                (choice == prev_v[:, None]) & (experts[None, :] > prev_i[:, None])
+            )
+            eligible = in_row[None, :] & after_prev
+            if GROUPED:
+                in_chosen = ((chosen_bits[:, None] >> (experts // per_group)[None, :]) & 1) != 0
+                eligible = eligible & in_chosen
+            cand = tl.where(eligible, choice, float("-inf"))
+            tile_v = tl.max(cand, axis=1)
+            tile_i = tl.min(tl.where(eligible & (cand == tile_v[:, None]), experts[None, :], NO_EXPERT), axis=1)
+            tile_s = tl.sum(tl.where(experts[None, :] == tile_i[:, None], score, 0.0), axis=1)
+            take = (tile_v > best_v) | ((tile_v == best_v) & (tile_i < best_i))
+            best_v = tl.where(take, tile_v, best_v)
+            best_i = tl.where(take, tile_i, best_i)
+            best_s = tl.where(take, tile_s, best_s)
+        sel_score = tl.where(slots[None, :] == j, best_s[:, None], sel_score)
+        sel_id = tl.where(slots[None, :] == j, tl.minimum(best_i, num_experts)[:, None], sel_id)
+        prev_v = best_v
+        prev_i = best_i
+
+    valid = slots[None, :] < top_k
+    if MODE == 0:
+        weights = tl.exp(sel_score - row_max[:, None]) / denom[:, None]
+    elif MODE == 1:
+        top = tl.max(tl.where(valid, sel_score, float("-inf")), axis=1)
+        num = tl.where(valid, tl.exp(sel_score - top[:, None]), 0.0)
+        weights = num / tl.sum(num, axis=1)[:, None]
+    else:
+        weights = sel_score
+    if RENORMALIZE:
+        weights = weights / (tl.sum(tl.where(valid, weights, 0.0), axis=1) + 1e-20)[:, None]
+    weights = weights * scaling
+    out_mask = row_mask[:, None] & valid
+    out_rows = tokens.to(tl.int64)[:, None]
+    tl.store(ids_ptr + out_rows * stride_it + slots[None, :], sel_id, mask=out_mask)
+    tl.store(weights_ptr + out_rows * stride_wt + slots[None, :], weights, mask=out_mask)
+
+
+def route_topk(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    mode: str = "softmax_topk",
+    renormalize: bool = False,
+    scaling: float = 1.0,
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route every token: expert ids ``(T, k)`` int32 and weights ``(T, k)`` float32.
+
+    Args:
+        logits: ``(T, E)`` router logits (fp16/bf16/fp32, any strides).
+        top_k: experts per token, ``1 <= top_k <= E``.
+        mode: ``"softmax_topk"``, ``"topk_softmax"`` or ``"sigmoid_group"`` (see module doc).
+        renormalize: divide the chosen weights by their sum (``+1e-20``), as ``norm_topk_prob``.
+        scaling: multiplied into the final weights (``routed_scaling_factor``).
+        correction_bias: ``(E,)`` DeepSeek-V3 bias added to the selection key only.
+        n_group / topk_group: group-limited routing (``sigmoid_group`` only, ``n_group <= 32``).
+
+    Ids come out in descending order of the selection key, like ``torch.topk``. Ties resolve
+    to the lowest expert id (``torch.topk`` leaves them unspecified).
+    """
+    check_route_args(logits, top_k, mode, correction_bias, n_group, topk_group)
+    if n_group > _MAX_GROUPS:
+        raise ValueError(f"the Triton router supports n_group <= {_MAX_GROUPS}, got {n_group}")
+    tokens, num_experts = logits.shape
+    ids = torch.empty((tokens, top_k), dtype=torch.int32, device=logits.device)
+    weights = torch.empty((tokens, top_k), dtype=torch.float32, device=logits.device)
+    if tokens == 0:
+        return ids, weights
+    has_bias = correction_bias is not None
+    grouped = n_group > 1
+    _route_kernel[(triton.cdiv(tokens, _BLOCK_T),)](
+        logits,
+        correction_bias if has_bias else logits,  # never read when HAS_BIAS is False
+        ids,
+        weights,
+        tokens,
+        num_experts,
+        top_k,
+        num_experts // n_group,
+        n_group,
+        topk_group,
+        float(scaling),
+        logits.stride(0),
+        logits.stride(1),
+        correction_bias.stride(0) if has_bias else 0,
+        ids.stride(0),
+        weights.stride(0),
+        MODE=_MODE_CODES[mode],
+        HAS_BIAS=has_bias,
+        GROUPED=grouped,
+        RENORMALIZE=bool(renormalize) and mode != "topk_softmax",
+        BLOCK_T=_BLOCK_T,
+        BLOCK_E=_BLOCK_E,
+        BLOCK_K=triton.next_power_of_2(top_k),
+        BLOCK_G=_MAX_GROUPS,
+        NO_EXPERT=_NO_EXPERT,
+        num_warps=4,
+    )
+    return ids, weights

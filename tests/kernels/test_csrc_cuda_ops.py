@@ -1,0 +1,113 @@
+"""The Python front-end of the CUDA extension: availability, validation, and (on a GPU with
+the extension built) agreement with grape.routing.route and a plain align-block-size loop.
+
+On a machine without a GPU only the first part runs; the GPU part is what to run once the
+extension is built on real hardware.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grape.routing import RoutingSpec, route
+from grape_kernels import cuda_ops
+
+needs_extension = pytest.mark.skipif(not cuda_ops.available(), reason="needs grape_kernels._C and a CUDA device")
+
+
+def test_unavailable_without_extension_or_gpu():
+    assert cuda_ops.available() == (cuda_ops._C is not None and torch.cuda.is_available())
+
+
+def test_missing_extension_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(cuda_ops, "_C", None)
+    assert not cuda_ops.available()
+    with pytest.raises(RuntimeError, match="grape_kernels._C is not built"):
+        cuda_ops.route_topk(torch.randn(3, 8), 2)
+    with pytest.raises(RuntimeError, match="grape_kernels._C is not built"):
+        cuda_ops.align_block_size(torch.zeros(3, 2, dtype=torch.int32), 8, 16)
+
+
+def test_cpu_tensors_are_rejected_before_launch(monkeypatch):
+    monkeypatch.setattr(cuda_ops, "_C", object())  # a "built" extension that must never be called
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        cuda_ops.route_topk(torch.randn(3, 8), 2)
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        cuda_ops.align_block_size(torch.zeros(3, 2, dtype=torch.int32), 8, 16)
+
+
+@pytest.mark.parametrize(
+    "args, options, match",
+    [
+        ((torch.randn(3, 40), 33), {}, "top_k <= 32"),
+        ((torch.randn(3, 66), 2), {"mode": "sigmoid_group", "n_group": 33}, "n_group <= 32"),
+        ((torch.randn(3, 8), 9), {}, "exceeds the number of experts"),
+        ((torch.randn(3, 8), 2), {"mode": "bogus"}, "unknown routing mode"),
+    ],
+)
+def test_route_topk_validates_input(args, options, match):
+    with pytest.raises(ValueError, match=match):
+        cuda_ops.route_topk(*args, **options)
+
+
+def test_align_validates_input():
+    with pytest.raises(ValueError, match="int32 or int64"):
+        cuda_ops.align_block_size(torch.zeros(3, 2), 8, 16)
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "mode, experts, top_k, options",
+    [
+        ("softmax_topk", 8, 2, {"renormalize": True}),
+        ("softmax_topk", 200, 8, {}),
+        ("topk_softmax", 32, 4, {"scaling": 2.0}),
+        ("sigmoid_group", 64, 8, {"n_group": 8, "topk_group": 4, "renormalize": True, "scaling": 2.5}),
+        ("sigmoid_group", 144, 4, {"n_group": 3, "topk_group": 2}),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_route_topk_matches_reference(mode, experts, top_k, options, dtype):
+    gen = torch.Generator().manual_seed(experts * 31 + top_k)
+    logits = torch.randn(257, experts, generator=gen).to(dtype)
+    bias = torch.randn(experts, generator=gen) * 0.5 if mode == "sigmoid_group" else None
+    ids, weights = cuda_ops.route_topk(
+        logits.cuda(), top_k, mode=mode, correction_bias=None if bias is None else bias.cuda(), **options
+    )
+    spec = RoutingSpec(
+        top_k=top_k,
+        score_fn="sigmoid" if mode == "sigmoid_group" else "softmax",
+        topk_before_softmax=mode == "topk_softmax",
+        renormalize=options.get("renormalize", False),
+        scaling=options.get("scaling", 1.0),
+        n_group=options.get("n_group", 1),
+        topk_group=options.get("topk_group", 1),
+        group_score="top2_sum",
+        correction_bias=bias,
+    )
+    ref_ids, ref_weights = route(logits.float(), spec)
+    same = (ids.cpu().long() == ref_ids).all(dim=1)
+    assert same.float().mean() > (0.999 if dtype == torch.float32 else 0.95)  # bf16 logits tie often
+    torch.testing.assert_close(weights.cpu()[same], ref_weights[same], rtol=1e-5, atol=1e-6)
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "tokens, top_k, experts, block_m", [(0, 2, 8, 16), (1, 1, 1, 16), (300, 8, 64, 16), (4096, 2, 5, 64)]
+)
+def test_cuda_align_block_size_matches_loop(tokens, top_k, experts, block_m):
+    gen = torch.Generator().manual_seed(tokens + experts)
+    ids = torch.rand(tokens, experts, generator=gen).argsort(dim=1)[:, :top_k].to(torch.int32)
+    sorted_ids, expert_ids, post_pad = (t.cpu() for t in cuda_ops.align_block_size(ids.cuda(), experts, block_m))
+    flat, numel, row = ids.reshape(-1).tolist(), tokens * top_k, 0
+    for expert in range(experts):
+        slots = [i for i, e in enumerate(flat) if e == expert]
+        padded = -(-len(slots) // block_m) * block_m
+        run = sorted_ids[row : row + padded].tolist()
+        assert sorted(run[: len(slots)]) == slots  # order inside a run is free
+        assert run[len(slots) :] == [numel] * (padded - len(slots))
+        assert expert_ids[row // block_m : (row + padded) // block_m].tolist() == [expert] * (padded // block_m)
+        row += padded
+    assert int(post_pad) == row
+    assert bool((sorted_ids[row:] == numel).all()) and bool((expert_ids[row // block_m :] == -1).all())
