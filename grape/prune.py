@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from grape.budget import LayerLimits, global_removals_total, uniform_removals
-from grape.calibration.collect import collect_layer_stats
+from grape.calibration.collect import collect_layer_stats, measure_layer
 from grape.calibration.runner import run_layerwise
 from grape.checkpoint import check_output_dir, expert_counts, write_checkpoint
 from grape.data import build_calibration_ids, load_texts
@@ -116,15 +116,7 @@ def prune(model: str, opts: PruneOptions) -> Path:
 
     def transform(index: int, layer) -> None:
         if index in plan.keep:
-            prune_block(
-                lazy.adapter.moe_block(layer),
-                lazy.adapter,
-                plan.keep[index],
-                merge_into=plan.merge_into.get(index) or None,
-                freq=stats[index].freq,
-                min_keep=limits[index].min_keep,
-                n_group=limits[index].n_group,
-            )
+            _apply_plan(lazy, layer, index, plan, stats[index], limits[index])
 
     report = {
         "grape_version": __import__("grape").__version__,
@@ -160,6 +152,19 @@ def prune(model: str, opts: PruneOptions) -> Path:
     params_after = sum(p.numel() for p in lazy.model.parameters())
     _finish_report(out, params_after, started, t_calib, t_plan, t_write)
     return out
+
+
+def _apply_plan(lazy: LazyCausalLM, layer, index: int, plan: PruningPlan, stats: LayerStats, limits: LayerLimits) -> None:
+    """Surgery on one materialised decoder layer according to ``plan``."""
+    prune_block(
+        lazy.adapter.moe_block(layer),
+        lazy.adapter,
+        plan.keep[index],
+        merge_into=plan.merge_into.get(index) or None,
+        freq=stats.freq,
+        min_keep=limits.min_keep,
+        n_group=limits.n_group,
+    )
 
 
 def _budget_label(opts: PruneOptions) -> str:
@@ -204,39 +209,18 @@ def _sequential_replan(
     before its outputs feed layer l+1. A global method's per-layer counts come from the first
     (unpruned) pass, since a global allocation needs every layer's statistics up front.
     """
-    from grape.calibration.collect import _LayerStatsCollector
-
     keep: dict[int, list[int]] = {}
     merge_into: dict[int, dict[int, int]] = {}
     scores: dict[int, list[float]] = {}
 
     def visit(index: int, layer, _hidden, forward) -> None:
-        block = lazy.adapter.moe_block(layer)
-        collector = _LayerStatsCollector(lazy.adapter, lazy.config, block, index, opts.sample_tokens, opts.seed)
-        handles = [block.register_forward_pre_hook(collector.block_hook)]
-        norm = getattr(layer, "post_attention_layernorm", None)
-        if norm is not None:
-            handles.append(norm.register_forward_pre_hook(collector.residual_hook))
-        try:
-            forward()
-        finally:
-            for h in handles:
-                h.remove()
-        layer_stats = collector.finish()
+        layer_stats = measure_layer(lazy, index, layer, forward, sample_tokens=opts.sample_tokens, seed=opts.seed)
         stats[index] = layer_stats
         count = len(plan.keep[index])
         local = method.plan({index: layer_stats}, {index: limits[index]}, keep_experts=count)
         keep[index], scores[index] = local.keep[index], local.scores[index]
         merge_into[index] = local.merge_into.get(index, {})
-        prune_block(
-            block,
-            lazy.adapter,
-            keep[index],
-            merge_into=merge_into[index] or None,
-            freq=layer_stats.freq,
-            min_keep=limits[index].min_keep,
-            n_group=limits[index].n_group,
-        )
+        _apply_plan(lazy, layer, index, local, layer_stats, limits[index])
 
     try:
         run_layerwise(lazy, ids, visit, batch_size=opts.batch_size, sequential=True, layers=sorted(plan.keep), desc="sequential pruning")

@@ -181,3 +181,21 @@ def test_quick_demo_end_to_end(tmp_path):
         assert all(ppl > 1 for ppl in result["perplexity"].values())
         assert Path(result["path"], "grape_report.json").is_file()
     assert json.loads((tmp_path / "model" / "training.json").read_text())["steps"] == QUICK_RECIPE.steps
+
+
+def test_a_given_model_brings_its_own_data_or_gets_the_stdlib_split(tmp_path):
+    from grape.demo import _external_model
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    calib, eval_sets, training = _external_model(model, tmp_path / "work")
+    assert calib == tmp_path / "work" / "calib.txt" and calib.is_file()
+    assert eval_sets == {"eval": tmp_path / "work" / "eval.txt"} and training is None
+
+    (model / "calib.txt").write_text("calibration text")
+    (model / "eval_code.txt").write_text("held-out code")
+    (model / "training.json").write_text('{"seq": 256}')
+    calib, eval_sets, training = _external_model(model, tmp_path / "other")
+    assert (calib, eval_sets, training) == (model / "calib.txt", {"code": model / "eval_code.txt"}, {"seq": 256})
+    assert not (tmp_path / "other").exists()  # nothing to fall back on, nothing written

@@ -28,7 +28,7 @@ from grape.model_io import LazyCausalLM
 from grape.routing import routing_scores
 from grape.stats import LayerStats
 
-__all__ = ["collect_layer_stats", "stats_cache_key", "default_cache_dir"]
+__all__ = ["collect_layer_stats", "measure_layer", "stats_cache_key", "default_cache_dir"]
 
 STATS_VERSION = 2
 
@@ -141,6 +141,24 @@ class _LayerStatsCollector:
         return stats
 
 
+def measure_layer(
+    lazy: LazyCausalLM, index: int, layer: nn.Module, forward, *, sample_tokens: int, seed: int
+) -> LayerStats:
+    """Run ``forward()`` (the runner's layer forward) with hooks that measure layer ``index``."""
+    block = lazy.adapter.moe_block(layer)
+    collector = _LayerStatsCollector(lazy.adapter, lazy.config, block, index, sample_tokens, seed)
+    handles = [block.register_forward_pre_hook(collector.block_hook)]
+    norm = getattr(layer, "post_attention_layernorm", None)
+    if norm is not None:
+        handles.append(norm.register_forward_pre_hook(collector.residual_hook))
+    try:
+        forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return collector.finish()
+
+
 def collect_layer_stats(
     lazy: LazyCausalLM,
     input_ids: torch.Tensor,
@@ -169,18 +187,7 @@ def collect_layer_stats(
         results[i] = _load(cached[i])
 
     def visit(index: int, layer: nn.Module, _hidden, forward) -> None:
-        block = lazy.adapter.moe_block(layer)
-        collector = _LayerStatsCollector(lazy.adapter, lazy.config, block, index, sample_tokens, seed)
-        handles = [block.register_forward_pre_hook(collector.block_hook)]
-        norm = getattr(layer, "post_attention_layernorm", None)
-        if norm is not None:
-            handles.append(norm.register_forward_pre_hook(collector.residual_hook))
-        try:
-            forward()
-        finally:
-            for handle in handles:
-                handle.remove()
-        stats = collector.finish()
+        stats = measure_layer(lazy, index, layer, forward, sample_tokens=sample_tokens, seed=seed)
         _save_atomic(stats, cached[index])
         results[index] = stats
 

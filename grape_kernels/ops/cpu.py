@@ -1,21 +1,22 @@
 """The fast CPU path: sort (token, slot) pairs by expert once, then one GEMM per active expert.
 
-Why it is built this way (every choice measured on the project's AVX-512 CPU, one thread,
-CPU time; the tables are in benchmarks/RESULTS.md):
+Why it is built this way (each choice measured on the project's AVX-512 CPU with one thread
+and CPU time; end-to-end numbers against transformers are in benchmarks/RESULTS.md):
 
 - Dispatch is vectorised: ``bincount`` + ``argsort`` of the T*k expert ids replace the
   per-expert ``one_hot``/``where`` scans of transformers' eager path, and the Python-level
   work is one loop over the experts that actually received tokens. Experts with no tokens cost
   nothing, which is what makes a pruned layer with a few hot experts cheap.
 - Each expert's tokens are a contiguous slice of one gathered (S, H) matrix, so each GEMM
-  writes into a slice of a preallocated buffer (no per-expert allocation, no ``cat``); gate and
-  up come out of one fused (S, 2I) GEMM; activation and routing weights are applied in place.
+  writes into a slice of one output buffer (no per-expert allocation, no ``cat``), and gate and
+  up come out of one fused (S, 2I) GEMM. Where every expert would use plain ``torch.mm``, one
+  ``grouped_mm`` call runs that loop in C++ (5-10% faster than a Python loop on small layers).
 - The GEMM formulation is chosen per expert by its row count (``_linear_into``). For float32,
   MKL's sgemm (what ``torch.mm`` uses) is slow for a few rows against a large weight; oneDNN's
   matmul is 1.3-1.9x faster from 4 rows up on weights of >= 2M elements, and for 2-3 rows the
   weight-major product ``W @ x.T`` (the GEMV-like case MKL handles well) is 1.5-3x faster than
-  ``x @ W.T``. bfloat16 GEMMs already go through oneDNN and show no such gaps, so they always
-  use ``torch.mm``.
+  ``x @ W.T``. bfloat16 GEMMs go through oneDNN, whose single-row GEMV is 2x slower than
+  ATen's own, so one-row bfloat16 products (decoding) use ATen's.
 - The weighted top-k sum is one ``index_add_`` into a float32 accumulator (4x faster than
   un-permuting and summing over k, and it rounds bfloat16 only once, at the end).
 - A single token (decoding) skips the sort entirely: its k experts are distinct, so a loop
@@ -75,13 +76,26 @@ def _probe_grouped_mm():
 _GROUPED_MM = _probe_grouped_mm()
 
 
-def _plain_mm_everywhere(x: torch.Tensor, weight: torch.Tensor, sizes: list[int]) -> bool:
-    """True when ``_linear_into`` would pick ``torch.mm`` for every expert of this projection."""
-    if x.dtype != torch.float32:
-        return True
-    if _ONEDNN_LINEAR is not None and weight[0].numel() >= _ONEDNN_MIN_WEIGHT and max(sizes) >= 4:
-        return False
-    return not any(size in _WEIGHT_MAJOR_ROWS for size in sizes)
+def _formulation(x: torch.Tensor, weight: torch.Tensor, rows: int, transposed: bool) -> str:
+    """Which GEMM formulation ``_linear_into`` uses for ``rows`` rows against one expert weight.
+
+    - ``onednn``: float32, >= 4 rows, weight >= ``_ONEDNN_MIN_WEIGHT`` elements: oneDNN's
+      matmul, 1.3-1.9x faster than MKL's sgemm there.
+    - ``weight_major``: float32, 2-3 rows, (out, in) storage: ``(W @ x.T).T``, 1.5-3x faster
+      than ``x @ W.T`` (MKL handles the GEMV-like shape well, the few-row one badly).
+    - ``aten_gemv``: bfloat16, one row, (out, in) storage: ATen's own bf16 GEMV (fp32
+      accumulation) instead of oneDNN's, 1.5-2.4x faster on every expert size measured; with
+      (in, out) storage ATen's GEMV is 4-10x slower, so transposed weights keep oneDNN.
+    - ``mm``: everything else (``torch.mm``, oneDNN for bf16, MKL for fp32).
+    """
+    if x.dtype == torch.float32:
+        if rows >= 4 and _ONEDNN_LINEAR is not None and weight[0].numel() >= _ONEDNN_MIN_WEIGHT:
+            return "onednn"
+        if rows in _WEIGHT_MAJOR_ROWS and not transposed:
+            return "weight_major"
+    elif x.dtype == torch.bfloat16 and rows == 1 and not transposed and torch.backends.mkldnn.enabled:
+        return "aten_gemv"
+    return "mm"
 
 
 def _project(
@@ -94,41 +108,48 @@ def _project(
     offsets: torch.Tensor,
     out_features: int,
 ) -> torch.Tensor:
-    """One projection of all experts over the expert-sorted rows ``x``: (S, in) -> (S, out).
-
-    Where every expert would use plain ``torch.mm`` anyway, one ``grouped_mm`` call runs the
-    per-expert loop in C++ (5-10% faster than the Python loop on small layers); otherwise each
-    expert gets the formulation ``_linear_into`` picks for its row count.
-    """
-    if _GROUPED_MM is not None and _plain_mm_everywhere(x, weight, sizes):
+    """One projection of all experts over the expert-sorted rows ``x``: (S, in) -> (S, out)."""
+    kinds = [_formulation(x, weight, rows, transposed) for rows in sizes]
+    if _GROUPED_MM is not None and all(kind == "mm" for kind in kinds):
         out = _GROUPED_MM(x, weight if transposed else weight.transpose(1, 2), offs=offsets)
         if bias is not None:
             out += bias[active].repeat_interleave(torch.tensor(sizes, device=x.device), dim=0)
         return out
     out = x.new_empty(x.shape[0], out_features)
-    for expert, x_e, out_e in zip(active, x.split(sizes), out.split(sizes)):
-        _linear_into(out_e, x_e, weight[expert], None if bias is None else bias[expert], transposed)
+    for expert, kind, x_e, out_e in zip(active, kinds, x.split(sizes), out.split(sizes)):
+        _linear_into(out_e, x_e, weight[expert], None if bias is None else bias[expert], transposed, kind)
     return out
 
 
 def _linear_into(
-    out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool
+    out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool, kind: str
 ) -> None:
-    """``out = x @ W.T + bias`` (``x @ W + bias`` for transposed storage), fastest formulation."""
-    rows = x.shape[0]
+    """``out = x @ W.T + bias`` (``x @ W + bias`` for transposed storage) as formulation ``kind``."""
     w_out_in = weight.t() if transposed else weight
-    if x.dtype == torch.float32:
-        if rows >= 4 and _ONEDNN_LINEAR is not None and weight.numel() >= _ONEDNN_MIN_WEIGHT:
-            out.copy_(_ONEDNN_LINEAR(x, w_out_in, bias, "none", [None], ""))
-            return
-        if rows in _WEIGHT_MAJOR_ROWS and not transposed:
-            if bias is None:
-                result_t = torch.mm(weight, x.t())
-            else:
-                result_t = torch.addmm(bias.unsqueeze(1), weight, x.t())
-            out.copy_(result_t.t())
-            return
-    w_in_out = w_out_in.t()
+    if kind == "onednn":
+        out.copy_(_ONEDNN_LINEAR(x, w_out_in, bias, "none", [None], ""))
+        return
+    if kind == "weight_major":
+        if bias is None:
+            result_t = torch.mm(weight, x.t())
+        else:
+            result_t = torch.addmm(bias.unsqueeze(1), weight, x.t())
+        out.copy_(result_t.t())
+        return
+    if kind == "aten_gemv":
+        # The only switch to ATen's GEMV is the process-wide oneDNN flag: it is off for the
+        # duration of this one call (a bf16 GEMM another Python thread starts meanwhile would
+        # take the slower ATen path too, correctly) and restored even on error.
+        torch.backends.mkldnn.enabled = False
+        try:
+            _mm_into(out, x, w_out_in.t(), bias)
+        finally:
+            torch.backends.mkldnn.enabled = True
+        return
+    _mm_into(out, x, w_out_in.t(), bias)
+
+
+def _mm_into(out: torch.Tensor, x: torch.Tensor, w_in_out: torch.Tensor, bias: torch.Tensor | None) -> None:
     if bias is None:
         torch.mm(x, w_in_out, out=out)
     else:
@@ -225,15 +246,17 @@ def _single_token(
     fused = hidden.dtype == torch.float32
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     gate_up = hidden.new_empty(1, 2 * intermediate)
+    y = hidden.new_empty(hidden.shape)
+    gate_up_kind = _formulation(hidden, w_gate_up, 1, transposed)
+    down_kind = _formulation(hidden, w_down, 1, transposed)
     for expert, weight in zip(flat_ids.tolist(), topk_weights.reshape(-1).tolist()):
         bias = None if gate_up_bias is None else gate_up_bias[expert]
-        _linear_into(gate_up, hidden, w_gate_up[expert], bias, transposed)
+        _linear_into(gate_up, hidden, w_gate_up[expert], bias, transposed, gate_up_kind)
         h = _activate(gate_up, **layout)
-        w = w_down[expert] if transposed else w_down[expert].t()
-        if down_bias is not None:
-            out.add_(down_bias[expert], alpha=weight)
-        if fused:
-            out.addmm_(h, w, alpha=weight)
+        bias = None if down_bias is None else down_bias[expert]
+        if fused and bias is None:
+            out.addmm_(h, w_down[expert] if transposed else w_down[expert].t(), alpha=weight)
         else:
-            out.add_(torch.mm(h, w), alpha=weight)
+            _linear_into(y, h, w_down[expert], bias, transposed, down_kind)
+            out.add_(y, alpha=weight)
     return out.to(hidden.dtype)
