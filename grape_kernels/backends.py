@@ -21,10 +21,13 @@ Triton and the registry itself costs nothing to import.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from types import ModuleType
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -49,25 +52,25 @@ __all__ = [
 RouteFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
+@functools.cache
+def _import(module: str) -> ModuleType | None:
+    """``module``, or None where it cannot be imported; cached, so a missing one costs one try."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
 def _triton_usable(device: torch.device) -> bool:
     """Triton kernels run on CUDA, or anywhere under the interpreter (how this project tests them)."""
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    try:
-        importlib.import_module("grape_kernels.triton")
-    except ImportError:
-        return False
-    return True
+    return _import("grape_kernels.triton") is not None
 
 
 def _cuda_routing_usable(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    try:
-        cuda_ops = importlib.import_module("grape_kernels.cuda_ops")
-    except ImportError:
-        return False
-    return bool(cuda_ops.available()) and hasattr(cuda_ops, "route_topk")
+    cuda_ops = _import("grape_kernels.cuda_ops")
+    return device.type == "cuda" and cuda_ops is not None and cuda_ops.available()
 
 
 @dataclass(frozen=True)
@@ -78,13 +81,11 @@ class Backend:
         name: registry key (``backend=`` argument everywhere).
         load: returns the experts function; called on first use so optional kernels import lazily.
         usable: whether the backend can run on a device in this process.
-        description: one line for error messages and benchmark tables.
     """
 
     name: str
     load: Callable[[], ExpertsFn]
     usable: Callable[[torch.device], bool]
-    description: str
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -95,26 +96,22 @@ def register_backend(backend: Backend) -> None:
     _BACKENDS[backend.name] = backend
 
 
-def _load(module: str, attr: str) -> Callable[[], ExpertsFn]:
-    return lambda: getattr(importlib.import_module(module), attr)
+def _load(module: str, attr: str) -> Callable[[], Callable]:
+    """A loader for ``module.attr`` that imports on first use (for optional kernels)."""
+
+    def load() -> Callable:
+        loaded = _import(module)
+        if loaded is None:
+            raise ImportError(f"{module} cannot be imported here")
+        return getattr(loaded, attr)
+
+    return load
 
 
-register_backend(Backend(
-    "triton", _load("grape_kernels.triton", "fused_experts"), _triton_usable,
-    "Triton fused grouped GEMM (GPU)",
-))
-register_backend(Backend(
-    "cpu", _load("grape_kernels.ops.cpu", "cpu_experts"), lambda d: d.type == "cpu",
-    "sorted per-expert GEMMs, PyTorch on the CPU",
-))
-register_backend(Backend(
-    "dense", _load("grape_kernels.ops.dense", "dense_experts"), lambda d: True,
-    "every expert on every token, masked by routing",
-))
-register_backend(Backend(
-    "reference", _load("grape_kernels.ops.reference", "reference_experts"), lambda d: True,
-    "per-expert loop in float32 (the oracle)",
-))
+register_backend(Backend("triton", _load("grape_kernels.triton", "fused_experts"), _triton_usable))
+register_backend(Backend("cpu", _load("grape_kernels.ops.cpu", "cpu_experts"), lambda d: d.type == "cpu"))
+register_backend(Backend("dense", _load("grape_kernels.ops.dense", "dense_experts"), lambda d: True))
+register_backend(Backend("reference", _load("grape_kernels.ops.reference", "reference_experts"), lambda d: True))
 
 
 def backend_names() -> list[str]:
@@ -160,11 +157,10 @@ def resolve_backend(backend: str, device: torch.device | str) -> Backend:
 
 
 # ---- routing -----------------------------------------------------------------------------
-_ROUTING: dict[str, tuple[Callable[[], RouteFn], Callable[[torch.device], bool]]] = {
-    "cuda": (lambda: importlib.import_module("grape_kernels.cuda_ops").route_topk, _cuda_routing_usable),
-    "triton": (lambda: importlib.import_module("grape_kernels.triton").route_topk, _triton_usable),
-    "reference": (lambda: importlib.import_module("grape_kernels.ops.reference").reference_route_topk,
-                  lambda d: True),
+_ROUTING: dict[str, Callable[[], RouteFn]] = {
+    "cuda": _load("grape_kernels.cuda_ops", "route_topk"),
+    "triton": _load("grape_kernels.triton", "route_topk"),
+    "reference": _load("grape_kernels.ops.reference", "reference_route_topk"),
 }
 
 
@@ -189,26 +185,34 @@ def routing_function(name: str) -> RouteFn:
     """The ``route_topk``-compatible function of routing backend ``name``."""
     if name not in _ROUTING:
         raise ValueError(f"unknown routing backend {name!r}; registered: {list(_ROUTING)}")
-    return _ROUTING[name][0]()
+    return _ROUTING[name]()
 
 
 # ---- weights -----------------------------------------------------------------------------
-def _uses_default_gate(experts: nn.Module) -> bool:
-    """Whether the module gates with transformers' default ``act_fn(gate) * up``.
+@functools.cache
+def _gate_kind(experts_class: type) -> str:
+    """How a transformers experts class gates: ``"gpt_oss"``, ``"default"`` or ``"custom"``.
 
-    ``use_experts_implementation`` installs ``_default_apply_gate`` on classes without their
-    own; it is recognised by name and module so this file need not import transformers.
+    ``use_experts_implementation`` installs ``_default_apply_gate`` (``act_fn(gate) * up``) on
+    classes without their own; it is recognised by name and module so this file need not
+    import transformers. Cached per class: it is asked on every layer call.
     """
-    gate = getattr(type(experts), "_apply_gate", None)
-    return (getattr(gate, "__name__", None), getattr(gate, "__module__", None)) == (
+    if any(c.__name__ == "GptOssExperts" for c in experts_class.__mro__):
+        return "gpt_oss"
+    gate = getattr(experts_class, "_apply_gate", None)
+    default = (getattr(gate, "__name__", None), getattr(gate, "__module__", None)) == (
         "_default_apply_gate",
         "transformers.integrations.moe",
     )
+    return "default" if default else "custom"
 
 
-@dataclass(frozen=True)
-class ExpertWeights:
-    """The tensors and layout flags of one experts layer, as ``fused_experts`` takes them."""
+class ExpertWeights(NamedTuple):
+    """The tensors and layout flags of one experts layer, as ``fused_experts`` takes them.
+
+    A named tuple rather than a dataclass: the transformers integration builds one per layer
+    call, and tuple construction is the cheapest immutable record Python has.
+    """
 
     w_gate_up: torch.Tensor
     w_down: torch.Tensor
@@ -220,10 +224,6 @@ class ExpertWeights:
     transposed: bool = False
     interleaved: bool = False
 
-    def layout_kwargs(self) -> dict:
-        """Everything but the two weight tensors, as keyword arguments of an experts backend."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("w_gate_up", "w_down")}
-
     @classmethod
     def from_module(cls, experts: nn.Module) -> ExpertWeights:
         """Read a transformers experts module (one decorated by ``use_experts_implementation``).
@@ -232,35 +232,36 @@ class ExpertWeights:
         identified from the module (GPT-OSS's clamped SwiGLU, or the default ``act_fn(gate) *
         up`` with SiLU). Anything else raises rather than being computed with the wrong math.
         """
-        name = type(experts).__name__
-        if not getattr(experts, "has_gate", True) or not hasattr(experts, "gate_up_proj"):
-            raise ValueError(f"{name} has no fused gate_up_proj; grape kernels need gated (SwiGLU) experts")
+        w_gate_up = getattr(experts, "gate_up_proj", None)
+        if w_gate_up is None or not getattr(experts, "has_gate", True):
+            raise ValueError(f"{type(experts).__name__} has no fused gate_up_proj; grape kernels need gated experts")
         if getattr(experts, "has_post_expert_norm", False):
-            raise ValueError(f"{name} applies a post-expert norm, which grape kernels do not implement")
+            raise ValueError(f"{type(experts).__name__} applies a post-expert norm, which grape kernels do not implement")
         if getattr(experts, "_is_expert_parallel", False):
-            raise ValueError(f"{name} is expert-parallel (sharded ids); grape kernels need all experts local")
-        if any(c.__name__ == "GptOssExperts" for c in type(experts).__mro__):
+            raise ValueError(f"{type(experts).__name__} is expert-parallel; grape kernels need all experts local")
+        gate = _gate_kind(type(experts))
+        if gate == "gpt_oss":
             activation, alpha, limit = "gpt_oss", float(experts.alpha), float(experts.limit)
-        elif not _uses_default_gate(experts):
-            raise ValueError(f"{name} defines its own _apply_gate, which grape kernels do not implement")
-        elif isinstance(experts.act_fn, nn.SiLU) or type(experts.act_fn).__name__ == "SiLUActivation":
+        elif gate == "custom":
+            raise ValueError(f"{type(experts).__name__} defines its own _apply_gate, which grape kernels do not implement")
+        elif type(experts.act_fn).__name__ in ("SiLU", "SiLUActivation"):
             activation, alpha, limit = "silu", 1.702, 7.0
         else:
             raise ValueError(
-                f"{name} uses activation {type(experts.act_fn).__name__}; grape kernels implement "
-                "SiLU-gated experts and GPT-OSS's clamped SwiGLU"
+                f"{type(experts).__name__} uses activation {type(experts.act_fn).__name__}; grape kernels "
+                "implement SiLU-gated experts and GPT-OSS's clamped SwiGLU"
             )
-        has_bias = bool(getattr(experts, "has_bias", False))
+        has_bias = getattr(experts, "has_bias", False)
         return cls(
-            w_gate_up=experts.gate_up_proj,
-            w_down=experts.down_proj,
-            gate_up_bias=experts.gate_up_proj_bias if has_bias else None,
-            down_bias=experts.down_proj_bias if has_bias else None,
-            activation=activation,
-            swiglu_alpha=alpha,
-            swiglu_limit=limit,
-            transposed=bool(getattr(experts, "is_transposed", False)),
-            interleaved=not getattr(experts, "is_concatenated", True),
+            w_gate_up,
+            experts.down_proj,
+            experts.gate_up_proj_bias if has_bias else None,
+            experts.down_proj_bias if has_bias else None,
+            activation,
+            alpha,
+            limit,
+            getattr(experts, "is_transposed", False),
+            not getattr(experts, "is_concatenated", True),
         )
 
 
@@ -280,16 +281,20 @@ def experts_forward(
     ``down_bias``, ``activation``, ``swiglu_alpha``, ``swiglu_limit``, ``transposed``,
     ``interleaved``), the other two carry their own.
     """
-    if isinstance(module_or_weights, tuple):
+    if isinstance(module_or_weights, nn.Module):
+        weights = ExpertWeights.from_module(module_or_weights)
+    elif isinstance(module_or_weights, ExpertWeights):
+        weights = module_or_weights
+    else:
         w_gate_up, w_down = module_or_weights
         weights = ExpertWeights(w_gate_up, w_down, **layout)
-    else:
-        if layout:
-            raise TypeError(f"layout keywords {sorted(layout)} only apply to a (w_gate_up, w_down) pair")
-        weights = (
-            module_or_weights
-            if isinstance(module_or_weights, ExpertWeights)
-            else ExpertWeights.from_module(module_or_weights)
-        )
+        layout = {}
+    if layout:
+        raise TypeError(f"layout keywords {sorted(layout)} only apply to a (w_gate_up, w_down) pair")
     fn = resolve_backend(backend, hidden.device).load()
-    return fn(hidden, weights.w_gate_up, weights.w_down, topk_ids, topk_weights, **weights.layout_kwargs())
+    return fn(
+        hidden, weights.w_gate_up, weights.w_down, topk_ids, topk_weights,
+        gate_up_bias=weights.gate_up_bias, down_bias=weights.down_bias, activation=weights.activation,
+        swiglu_alpha=weights.swiglu_alpha, swiglu_limit=weights.swiglu_limit, transposed=weights.transposed,
+        interleaved=weights.interleaved,
+    )

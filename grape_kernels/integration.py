@@ -53,9 +53,13 @@ _warned_autograd = False
 
 
 def _needs_autograd(experts: nn.Module, hidden: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Whether autograd records this call (checked per layer call, so without ``parameters()``)."""
     if not torch.is_grad_enabled():
         return False
-    return hidden.requires_grad or weights.requires_grad or any(p.requires_grad for p in experts.parameters())
+    tensors = [hidden, weights, experts.gate_up_proj, experts.down_proj]
+    if getattr(experts, "has_bias", False):
+        tensors += [experts.gate_up_proj_bias, experts.down_proj_bias]
+    return any(t.requires_grad for t in tensors)
 
 
 def _run(experts: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, backend: str):

@@ -32,6 +32,7 @@ __all__ = [
     "ExpertsProblem",
     "check_experts_inputs",
     "gated_activation",
+    "ids_out_of_range",
     "split_gate_up",
 ]
 
@@ -68,6 +69,7 @@ def check_experts_inputs(
     down_bias: torch.Tensor | None = None,
     activation: str = "silu",
     transposed: bool = False,
+    check_ids: bool = True,
 ) -> ExpertsProblem:
     """Validate an experts call (``check_experts_args`` plus two checks it leaves out).
 
@@ -75,7 +77,8 @@ def check_experts_inputs(
     must lie in [0, E): on the CPU that check is one cheap reduction and turns the classic
     ragged-model bug (a router of 8 experts driving a layer pruned to 4) into an error instead
     of silently wrong output. On a GPU it would force a host sync per layer, so there the
-    kernels' rule applies instead (ids outside [0, E) contribute nothing).
+    kernels' rule applies instead (ids outside [0, E) contribute nothing). A caller that sees
+    the ids anyway passes ``check_ids=False`` and raises :func:`ids_out_of_range` itself.
 
     Raises:
         ValueError: naming the offending argument.
@@ -86,14 +89,18 @@ def check_experts_inputs(
     for name, bias in (("gate_up_bias", gate_up_bias), ("down_bias", down_bias)):
         if bias is not None and bias.dtype != hidden.dtype:
             raise ValueError(f"{name} is {bias.dtype} but hidden is {hidden.dtype}")
-    if hidden.device.type == "cpu" and topk_ids.numel() > 0:
+    if check_ids and hidden.device.type == "cpu" and topk_ids.numel() > 0:
         low, high = (int(v) for v in torch.aminmax(topk_ids))
         if low < 0 or high >= problem.experts:
-            raise ValueError(
-                f"topk_ids must lie in [0, {problem.experts}) for a layer with E={problem.experts} "
-                f"experts, got values in [{low}, {high}]"
-            )
+            raise ids_out_of_range(problem.experts, low, high)
     return problem
+
+
+def ids_out_of_range(experts: int, low: int, high: int) -> ValueError:
+    """The error for expert ids outside [0, E), with the range that was found."""
+    return ValueError(
+        f"topk_ids must lie in [0, {experts}) for a layer with E={experts} experts, got values in [{low}, {high}]"
+    )
 
 
 def split_gate_up(gate_up: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:

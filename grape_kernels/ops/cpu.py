@@ -9,8 +9,9 @@ and CPU time; end-to-end numbers against transformers are in benchmarks/RESULTS.
   nothing, which is what makes a pruned layer with a few hot experts cheap.
 - Each expert's tokens are a contiguous slice of one gathered (S, H) matrix, so each GEMM
   writes into a slice of one output buffer (no per-expert allocation, no ``cat``), and gate and
-  up come out of one fused (S, 2I) GEMM. Where every expert would use plain ``torch.mm``, one
-  ``grouped_mm`` call runs that loop in C++ (5-10% faster than a Python loop on small layers).
+  up come out of one fused (S, 2I) GEMM. Where every expert would use plain ``torch.mm``, and
+  on small layers always, one ``grouped_mm`` call runs that loop in C++ (5-10% faster than a
+  Python loop on small layers).
 - The GEMM formulation is chosen per expert by its row count (``_linear_into``). For float32,
   MKL's sgemm (what ``torch.mm`` uses) is slow for a few rows against a large weight; oneDNN's
   matmul is 1.3-1.9x faster from 4 rows up on weights of >= 2M elements, and for 2-3 rows the
@@ -20,7 +21,9 @@ and CPU time; end-to-end numbers against transformers are in benchmarks/RESULTS.
 - The weighted top-k sum is one ``index_add_`` into a float32 accumulator (4x faster than
   un-permuting and summing over k, and it rounds bfloat16 only once, at the end).
 - A single token (decoding) skips the sort entirely: its k experts are distinct, so a loop
-  over the k pairs reads each expert's weights once.
+  over the k pairs reads each expert's weights once. (A gather-based ``bmm`` over
+  ``w[topk_ids]``, as transformers' ``batched_mm`` does, was 2-3x slower even at T = 1: it
+  copies every selected expert's weights before multiplying.)
 
 This path is for inference: ``out=`` GEMMs record no autograd history, so it refuses inputs
 that require gradients (the transformers integration then uses transformers' own
@@ -32,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from grape_kernels.ops.common import check_experts_inputs, split_gate_up
+from grape_kernels.ops.common import check_experts_inputs, ids_out_of_range, split_gate_up
 
 __all__ = ["cpu_experts"]
 
@@ -41,6 +44,9 @@ __all__ = ["cpu_experts"]
 _ONEDNN_MIN_WEIGHT = 1 << 21
 #: Row counts for which float32 uses the weight-major product ``W @ x.T``.
 _WEIGHT_MAJOR_ROWS = (2, 3)
+#: Below this many weight elements the per-expert formulations save less per GEMM (20-40 us)
+#: than leaving ``grouped_mm``'s C++ loop for a Python one costs, so small layers never do.
+_LOOP_MIN_WEIGHT = 1 << 19
 
 
 def _probe_onednn_linear():
@@ -110,7 +116,7 @@ def _project(
 ) -> torch.Tensor:
     """One projection of all experts over the expert-sorted rows ``x``: (S, in) -> (S, out)."""
     kinds = [_formulation(x, weight, rows, transposed) for rows in sizes]
-    if _GROUPED_MM is not None and all(kind == "mm" for kind in kinds):
+    if _GROUPED_MM is not None and (weight[0].numel() < _LOOP_MIN_WEIGHT or all(kind == "mm" for kind in kinds)):
         out = _GROUPED_MM(x, weight if transposed else weight.transpose(1, 2), offs=offsets)
         if bias is not None:
             out += bias[active].repeat_interleave(torch.tensor(sizes, device=x.device), dim=0)
@@ -190,7 +196,7 @@ def cpu_experts(
     """Routed-experts output (T, H) in the input dtype; see the module docstring for the method."""
     problem = check_experts_inputs(
         hidden, w_gate_up, w_down, topk_ids, topk_weights, gate_up_bias=gate_up_bias,
-        down_bias=down_bias, activation=activation, transposed=transposed,
+        down_bias=down_bias, activation=activation, transposed=transposed, check_ids=False,
     )
     if torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, w_gate_up, w_down, topk_weights, gate_up_bias, down_bias)
@@ -205,10 +211,19 @@ def cpu_experts(
     flat_ids = topk_ids.reshape(-1)
     layout = dict(activation=activation, interleaved=interleaved, alpha=swiglu_alpha, limit=swiglu_limit)
     if tokens == 1:
-        return _single_token(hidden, w_gate_up, w_down, gate_up_bias, down_bias, flat_ids, topk_weights,
+        ids = flat_ids.tolist()
+        if min(ids) < 0 or max(ids) >= experts:
+            raise ids_out_of_range(experts, min(ids), max(ids))
+        return _single_token(hidden, w_gate_up, w_down, gate_up_bias, down_bias, ids, topk_weights,
                              transposed, problem.intermediate, layout)
 
-    counts = torch.bincount(flat_ids, minlength=experts)
+    # bincount doubles as the id range check: it rejects negatives and grows past E for ids >= E.
+    try:
+        counts = torch.bincount(flat_ids, minlength=experts)
+    except RuntimeError:
+        raise ids_out_of_range(experts, int(flat_ids.min()), int(flat_ids.max())) from None
+    if counts.numel() > experts:
+        raise ids_out_of_range(experts, int(flat_ids.min()), int(flat_ids.max()))
     offsets = counts.cumsum(0, dtype=torch.int32)
     order = torch.argsort(flat_ids, stable=True)
     pair_token = order.div(top_k, rounding_mode="floor")
@@ -232,7 +247,7 @@ def _single_token(
     w_down: torch.Tensor,
     gate_up_bias: torch.Tensor | None,
     down_bias: torch.Tensor | None,
-    flat_ids: torch.Tensor,
+    ids: list[int],
     topk_weights: torch.Tensor,
     transposed: bool,
     intermediate: int,
@@ -249,7 +264,7 @@ def _single_token(
     y = hidden.new_empty(hidden.shape)
     gate_up_kind = _formulation(hidden, w_gate_up, 1, transposed)
     down_kind = _formulation(hidden, w_down, 1, transposed)
-    for expert, weight in zip(flat_ids.tolist(), topk_weights.reshape(-1).tolist()):
+    for expert, weight in zip(ids, topk_weights.reshape(-1).tolist()):
         bias = None if gate_up_bias is None else gate_up_bias[expert]
         _linear_into(gate_up, hidden, w_gate_up[expert], bias, transposed, gate_up_kind)
         h = _activate(gate_up, **layout)

@@ -171,21 +171,41 @@ def test_other_flag_combinations(backend, activation, interleaved):
     check(out, ref, torch.float32)
 
 
-def test_cpu_backend_large_weights_take_every_gemm_formulation():
-    """Weights past the oneDNN threshold, with experts receiving 1, 2-3 and >= 4 rows."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("gpt_oss", [False, True], ids=["mixtral", "gpt_oss"])
+def test_cpu_backend_large_weights_take_every_gemm_formulation(dtype, gpt_oss):
+    """Weights past the size thresholds, experts receiving 1, 2-3 and >= 4 rows: every GEMM
+    formulation of the CPU path (oneDNN, weight-major, ATen GEMV, mm) meets the oracle."""
     from grape_kernels.ops import cpu as cpu_ops
 
-    if cpu_ops._ONEDNN_LINEAR is None:
-        pytest.skip("this torch build has no oneDNN linear")
-    g = _gen("large")
+    g = _gen("large", str(dtype), gpt_oss)
     hidden_size, inter, experts = 512, 2048, 4
-    w1 = torch.randn(experts, 2 * inter, hidden_size, generator=g) * 0.05
-    w2 = torch.randn(experts, hidden_size, inter, generator=g) * 0.05
-    assert w1[0].numel() >= cpu_ops._ONEDNN_MIN_WEIGHT
-    hidden = torch.randn(8, hidden_size, generator=g)
+    shapes = ((experts, hidden_size, 2 * inter), (experts, inter, hidden_size)) if gpt_oss else (
+        (experts, 2 * inter, hidden_size), (experts, hidden_size, inter))
+    w1, w2 = (torch.randn(shape, generator=g).mul(0.05).to(dtype) for shape in shapes)
+    assert w1[0].numel() >= cpu_ops._ONEDNN_MIN_WEIGHT and w2[0].numel() >= cpu_ops._LOOP_MIN_WEIGHT
+    hidden = torch.randn(8, hidden_size, generator=g).to(dtype)
     ids = torch.tensor([[0, 1], [0, 1], [0, 1], [0, 1], [0, 2], [0, 2], [2, 3], [0, 1]])
     weights = torch.rand(8, 2, generator=g)
-    check(run("cpu", hidden, w1, w2, ids, weights), oracle(hidden, w1, w2, ids, weights), torch.float32)
+    kinds = {cpu_ops._formulation(hidden, w, rows, gpt_oss) for w in (w1, w2) for rows in (1, 3, 7)}
+    expected = {
+        (torch.float32, False): {"mm", "weight_major", "onednn"},
+        (torch.bfloat16, False): {"mm", "aten_gemv"},
+        (torch.float32, True): {"mm", "onednn"},
+        (torch.bfloat16, True): {"mm"},
+    }[dtype, gpt_oss]
+    assert cpu_ops._ONEDNN_LINEAR is None or kinds == expected
+    flags, biases = {}, {}
+    if gpt_oss:
+        flags = dict(activation="gpt_oss", swiglu_limit=1.5, transposed=True, interleaved=True)
+        biases = dict(gate_up_bias=torch.randn(experts, 2 * inter, generator=g).to(dtype),
+                      down_bias=torch.randn(experts, hidden_size, generator=g).to(dtype))
+    out = run("cpu", hidden, w1, w2, ids, weights, **biases, **flags)
+    ref = oracle(hidden, w1, w2, ids, weights, **biases, activation=flags.get("activation", "silu"), limit=1.5,
+                 transposed=gpt_oss, interleaved=gpt_oss)
+    check(out, ref, dtype)
+    decode = run("cpu", hidden[:1], w1, w2, ids[:1], weights[:1], **biases, **flags)
+    check(decode, ref[:1], dtype)
 
 
 @pytest.mark.interpreter
