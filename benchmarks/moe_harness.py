@@ -17,7 +17,8 @@ the median is reported, so slow drifts hit all of them alike. Peak memory is the
 process's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` after
 ``malloc_trim``) over one call. Fraction of roofline = max(weight bytes the call must read /
 measured copy bandwidth, routed FLOPs / measured GEMM rate) / measured time, with bandwidth
-and GEMM rate measured in the same process.
+(a 256 MiB copy) and GEMM rate (the faster of MKL via ``torch.mm`` and oneDNN on a 2048^3
+product) measured in the same process and thread setting.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def mixtral_narrow(dtype: str, tokens: int, seed: int = 0) -> Workload:
     return Workload("mixtral-narrow", dtype, tokens, [LayerInput(experts, hidden, ids, weights)])
 
 
-def _pydoc_model(dtype: str):
+def _pydoc_model(dtype: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(SHARED_MODEL, dtype=DTYPES[dtype], experts_implementation="eager")
@@ -236,14 +237,19 @@ def measure_machine() -> Machine:
         dst.copy_(src)
         best = min(best, clock() - t0)
     bandwidth = 2 * src.numel() * src.element_size() / best
+    gemms = [lambda a: torch.mm(a, a)]
+    onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+    if onednn is not None:
+        gemms.append(lambda a: onednn(a, a, None, "none", [None], ""))
     rates = {}
     for name, dtype in DTYPES.items():
         a = torch.randn(2048, 2048).to(dtype)
         best = float("inf")
-        for _ in range(3):
-            t0 = clock()
-            torch.mm(a, a)
-            best = min(best, clock() - t0)
+        for gemm in gemms:
+            for _ in range(3):
+                t0 = clock()
+                gemm(a)
+                best = min(best, clock() - t0)
         rates[name] = 2 * 2048**3 / best
     return Machine(bandwidth, rates)
 

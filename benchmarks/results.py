@@ -95,6 +95,8 @@ def write_markdown(rows: list[Row], machine: Machine, threads: int, quick: bool,
         "pruned by slicing to 4/5/6 experts (layer i keeps 4 + i % 3), on the inputs each layer "
         "receives for calibration text; one call = all 8 layers",
         "- roofline = max(expert-weight bytes read / bandwidth, routed FLOPs / GEMM rate) / time",
+        "- on the shared 2-core machine, repeated runs move these ratios by about +-5%: differences "
+        "that small are ties (there all backends run the same GEMMs)",
         "",
         "## grape `cpu` backend speed-up",
         "",

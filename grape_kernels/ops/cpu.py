@@ -231,13 +231,20 @@ def cpu_experts(
     count_list = counts.tolist()
     active = [expert for expert, count in enumerate(count_list) if count]
     sizes = [count_list[expert] for expert in active]
-    x = hidden.index_select(0, pair_token)
-
-    gate_up = _project(x, w_gate_up, gate_up_bias, transposed, active, sizes, offsets, 2 * problem.intermediate)
+    # Each (S, .) intermediate is dropped as soon as it is consumed, so the peak is the (S, 2I)
+    # projection plus its activation rather than the sum of all of them.
+    gathered = hidden.index_select(0, pair_token)
+    gate_up = _project(gathered, w_gate_up, gate_up_bias, transposed, active, sizes, offsets, 2 * problem.intermediate)
+    del gathered
     h = _activate(gate_up, **layout)
-    y = _project(h, w_down, down_bias, transposed, active, sizes, offsets, problem.hidden)
+    del gate_up
+    weighted = torch.mul(
+        _project(h, w_down, down_bias, transposed, active, sizes, offsets, problem.hidden),
+        pair_weight.float().unsqueeze(1),
+    )
+    del h
     out = torch.zeros(tokens, problem.hidden, dtype=torch.float32, device=hidden.device)
-    out.index_add_(0, pair_token, torch.mul(y, pair_weight.float().unsqueeze(1)))
+    out.index_add_(0, pair_token, weighted)
     return out.to(hidden.dtype)
 
 

@@ -1,8 +1,9 @@
 """Every experts backend against an independent float64 loop, plus dispatch and bad input.
 
-The oracle below is written out here on purpose (not imported from grape_kernels): it walks
-the (token, slot) pairs expert by expert in float64, with the two gated activations spelled
-out, so a shared mistake in ``grape_kernels.ops.common`` cannot hide in both sides.
+The oracle below is written out here on purpose (not imported from grape_kernels): it gathers
+each expert's (token, slot) pairs and runs that expert in float64, with the two gated
+activations spelled out, so a shared mistake in ``grape_kernels.ops.common`` cannot hide in
+both sides.
 Inputs are fresh random tensors per case (seeded by the case), in float32 and bfloat16; the
 bfloat16 oracle runs on the bfloat16-rounded inputs, so the tolerance only covers the
 backend's own rounding. The Triton backend joins when it can run here (``TRITON_INTERPRET=1``,
@@ -40,8 +41,12 @@ def _gen(*key) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
-def oracle(hidden, w_gate_up, w_down, ids, weights, *, gate_up_bias=None, down_bias=None, activation="silu",
-           alpha=1.702, limit=7.0, transposed=False, interleaved=False) -> torch.Tensor:
+Tensor = torch.Tensor
+
+
+def oracle(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, ids: Tensor, weights: Tensor, *,
+           gate_up_bias: Tensor | None = None, down_bias: Tensor | None = None, activation: str = "silu",
+           alpha: float = 1.702, limit: float = 7.0, transposed: bool = False, interleaved: bool = False) -> Tensor:
     """float64 routed-experts output, one expert at a time."""
     d = torch.float64
     x = hidden.to(d)
@@ -71,7 +76,8 @@ def oracle(hidden, w_gate_up, w_down, ids, weights, *, gate_up_bias=None, down_b
     return out
 
 
-def make_case(experts, top_k, tokens, dtype, *, skew=None, seed=0, gpt_oss=False):
+def make_case(experts: int, top_k: int, tokens: int, dtype: torch.dtype, *, skew: str | None = None,
+              seed: int = 0, gpt_oss: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, dict]:
     """Random layer + routing; ``skew``: 'one' (all tokens to one expert), 'subset', 'zipf'."""
     g = _gen(experts, top_k, tokens, str(dtype), skew, seed, gpt_oss)
     scale = 0.5
@@ -98,14 +104,14 @@ def make_case(experts, top_k, tokens, dtype, *, skew=None, seed=0, gpt_oss=False
     return hidden.to(dtype), w_gate_up.to(dtype), w_down.to(dtype), ids, weights, biases
 
 
-def check(out, ref, dtype):
+def check(out: Tensor, ref: Tensor, dtype: torch.dtype) -> None:
     assert out.shape == ref.shape and out.dtype == dtype
     scale = ref.abs().max().item() if ref.numel() else 1.0
     err = (out.double() - ref).abs().max().item() if ref.numel() else 0.0
     assert err <= TOL[dtype] * max(scale, 1.0), f"max error {err:.3g} vs scale {scale:.3g}"
 
 
-def run(backend, *args, **kwargs):
+def run(backend: str, *args, **kwargs) -> Tensor:
     with torch.no_grad():
         return get_backend(backend).load()(*args, **kwargs)
 
@@ -255,7 +261,7 @@ def test_experts_forward_accepts_pair_weights_and_module():
 
 
 # ---- bad input --------------------------------------------------------------------------------
-def _bad_calls():
+def _bad_calls() -> dict[str, tuple[tuple, dict, str]]:
     hidden, w1, w2, ids, weights, _ = make_case(5, 2, 7, torch.float32)
     return {
         "hidden width": ((hidden[:, :-1], w1, w2, ids, weights), {}, "hidden size|does not take"),
@@ -302,7 +308,8 @@ def test_cpu_backend_refuses_autograd():
 
 
 # ---- reference routing --------------------------------------------------------------------------
-def _route_oracle(logits, k, mode, renormalize=False, scaling=1.0, bias=None, n_group=1, topk_group=1):
+def _route_oracle(logits: Tensor, k: int, mode: str, renormalize: bool = False, scaling: float = 1.0,
+                  bias: Tensor | None = None, n_group: int = 1, topk_group: int = 1) -> tuple[Tensor, Tensor]:
     """float64 routing, written independently of grape_kernels and grape.routing."""
     x = logits.double()
     if mode == "topk_softmax":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from tiny_models import ARCHS, tiny_config
 
 import grape_kernels
@@ -55,29 +56,29 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def _load(path: Path, implementation: str, dtype: torch.dtype = torch.float32):
+def _load(path: Path, implementation: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     model = AutoModelForCausalLM.from_pretrained(path, experts_implementation=implementation, dtype=dtype)
     return model.eval()
 
 
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits.float()
 
 
-def _ids(model, seed: int = 0) -> torch.Tensor:
+def _ids(model: nn.Module, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(seed))
 
 
-def _moe_blocks(model):
+def _moe_blocks(model: nn.Module) -> list[nn.Module]:
     return [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts")]
 
 
-def _router(block):
+def _router(block: nn.Module) -> nn.Module:
     return block.router if hasattr(block, "router") else block.gate
 
 
-def _prune_layer(model, layer: int, keep: list[int]) -> None:
+def _prune_layer(model: nn.Module, layer: int, keep: list[int]) -> None:
     """Slice one layer's routed experts (router rows, biases, 3-D weights) down to ``keep``."""
     block = model.model.layers[layer].mlp
     index = torch.tensor(keep)
@@ -109,7 +110,7 @@ def grape_calls(monkeypatch) -> list[int]:
     calls: list[int] = []
     real = grape_kernels.integration.experts_forward
 
-    def spy(experts, *args, **kwargs):
+    def spy(experts: nn.Module, *args, **kwargs) -> torch.Tensor:
         calls.append(experts.gate_up_proj.shape[0])
         return real(experts, *args, **kwargs)
 
@@ -162,7 +163,7 @@ def test_swap_moe_blocks_routes_through_given_kernel(checkpoints):
     """Every router rule reaches the routing kernel and reproduces the architecture's router."""
     calls = []
 
-    def route(logits, top_k, **kwargs):
+    def route(logits: torch.Tensor, top_k: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         calls.append(kwargs["mode"])
         return reference_route_topk(logits, top_k, **kwargs)
 
