@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from grape import ragged_modeling
-from grape.model_io import LazyCausalLM, _config_dtype
+from grape.model_io import LazyCausalLM
 from grape.ragged_modeling import GRAPE_COUNTS_KEY, GRAPE_LAYOUT_KEY, make_ragged_class
 from grape.report import plot_experts_per_layer, write_json_atomic
 
@@ -143,7 +143,7 @@ def write_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        writer = _ShardWriter(tmp, _config_dtype(lazy.config))
+        writer = _ShardWriter(tmp, lazy.checkpoint_dtype)
         tied = bool(getattr(lazy.config, "tie_word_embeddings", False))
         for name, _ in lazy.model.named_parameters():
             if name.startswith("model.layers.") or (tied and name == "lm_head.weight"):
@@ -181,7 +181,7 @@ def _write_config(lazy: LazyCausalLM, directory: Path, counts: list[int | None])
     setattr(config, adapter.count_key, max(moe_counts))
     base = type(lazy.model).__name__
     config.auto_map = {"AutoModelForCausalLM": f"modeling_grape.Grape{base}"}
-    config.dtype = _config_dtype(lazy.config)
+    config.dtype = lazy.checkpoint_dtype
     config.save_pretrained(directory)
 
 

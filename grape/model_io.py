@@ -178,7 +178,15 @@ def _name_variants(name: str) -> list[str]:
 class LazyCausalLM:
     """A ``*ForCausalLM`` whose weights live on disk until a module is materialised."""
 
-    def __init__(self, model_dir: Path, model: nn.Module, index: CheckpointIndex, dtype: torch.dtype, device: str):
+    def __init__(
+        self,
+        model_dir: Path,
+        model: nn.Module,
+        index: CheckpointIndex,
+        dtype: torch.dtype,
+        device: str,
+        checkpoint_dtype: torch.dtype | None = None,
+    ):
         self.model_dir = model_dir
         self.model = model
         self.config = model.config
@@ -186,6 +194,8 @@ class LazyCausalLM:
         self.index = index
         self.dtype = dtype
         self.device = torch.device(device)
+        # the dtype the weights are stored in, which outputs keep whatever the working dtype
+        self.checkpoint_dtype = checkpoint_dtype or dtype
 
     @classmethod
     def open(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str = "cpu") -> "LazyCausalLM":
@@ -201,14 +211,16 @@ class LazyCausalLM:
         config = AutoConfig.from_pretrained(model_dir)
         get_adapter(config)
         index = CheckpointIndex(model_dir)
-        dtype = dtype or _config_dtype(config)
+        checkpoint_dtype = _config_dtype(config)
+        dtype = dtype or checkpoint_dtype
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         from grape.ragged_modeling import apply_ragged_experts
 
         apply_ragged_experts(model)
         model.eval()
-        lazy = cls(model_dir, model, index, dtype, device)
+        model.config.dtype = checkpoint_dtype  # from_config(dtype=...) overwrote it
+        lazy = cls(model_dir, model, index, dtype, device, checkpoint_dtype)
         lazy._check_complete()
         return lazy
 

@@ -167,3 +167,10 @@ def test_interrupted_run_leaves_nothing_and_rerun_succeeds(model_dir, calib, tmp
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "config.json").is_file()
+
+
+def test_working_dtype_does_not_change_the_stored_dtype(tmp_path, calib):
+    src = build_tiny_model("mixtral", tmp_path / "bf16", dtype=torch.bfloat16)
+    assert _prune(src, calib, tmp_path / "o", "--method", "reap", "--experts-ratio", "0.25", "--dtype", "float32") == 0
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert all(t.dtype == torch.bfloat16 for t in load_file(tmp_path / "o" / "model.safetensors").values() if t.is_floating_point())
