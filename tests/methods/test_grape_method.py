@@ -20,16 +20,21 @@ UNGUARDED = {"entropy_floor": 0.0, "max_layer_share": 1.0}
 TWINS = {1: 0, 3: 2, 5: 4, 7: 6}
 
 
-def _naive_greedy(layers: dict, total: int, merge: bool, min_keep: int) -> list[tuple]:
-    """Reference trace [(layer, expert, substitute, cost)] computed from outputs directly."""
+def _naive_greedy(layers: dict, total: int, min_keep: int) -> list[tuple]:
+    """Reference trace [(layer, expert, substitute, cost)] computed from outputs directly.
+
+    Costs are divided by the model-wide mean residual energy per token times the layer's
+    sample count (the default ``normaliser="model"``).
+    """
+    all_resid = torch.cat([stats.token_resid_sq for stats, _ in layers.values()])
+    per_token = float(all_resid.sum()) / all_resid.numel()
     state = {}
     for layer, (stats, outputs) in layers.items():
         weights = dense_routing_weights(stats.token_logits.float(), stats.spec).double()
         state[layer] = {
             "out": {e: outputs[:, e].clone() for e in range(outputs.shape[1])},
             "w": {e: weights[:, e].clone() for e in range(outputs.shape[1])},
-            "f": {e: float(stats.freq[e]) for e in range(outputs.shape[1])},
-            "energy": float(stats.token_resid_sq.sum()),
+            "energy": per_token * stats.token_resid_sq.numel(),
         }
     trace = []
     for _ in range(total):
@@ -49,11 +54,7 @@ def _naive_greedy(layers: dict, total: int, merge: bool, min_keep: int) -> list[
         layer, e, n, _ = best
         st = state[layer]
         st["w"][n] += st["w"].pop(e)
-        out_e, f_e = st["out"].pop(e), st["f"].pop(e)
-        if merge:
-            f_n = st["f"][n]
-            st["out"][n] = (f_e * out_e + f_n * st["out"][n]) / (f_e + f_n)
-            st["f"][n] = f_e + f_n
+        st["out"].pop(e)
         trace.append(best)
     return trace
 
@@ -77,7 +78,7 @@ def test_trace_matches_the_naive_global_greedy(merge, make_layer, make_limits):
     scale = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.3, 1.5, 1.0, 0.8])
     layers = _model(make_layer, out_scale=scale)
     plan = _plan(layers, make_limits, ratio=0.5, merge=merge, **UNGUARDED)
-    expected = _naive_greedy(layers, 12, merge, min_keep=2)
+    expected = _naive_greedy(layers, 12, min_keep=2)  # merge mode plans exactly as drop mode
     got = [(t["layer"], t["expert"], t["substitute"], t["cost"]) for t in plan.info["trace"]]
     assert [g[:3] for g in got] == [e[:3] for e in expected]
     assert [g[3] for g in got] == pytest.approx([e[3] for e in expected], rel=1e-9, abs=1e-15)
@@ -255,3 +256,21 @@ def test_zero_tokens_and_layers_at_top_k_just_work(make_layer):
     limits = {0: LayerLimits(8, 2), 1: LayerLimits(2, 2), 2: LayerLimits(8, 2)}
     plan = get_method("grape")().plan({0: empty, 1: at_top_k, 2: normal}, limits, keep_experts=2)
     assert [len(k) for k in plan.keep.values()] == [2, 2, 2]
+
+
+def test_model_normaliser_uses_one_scale_and_layer_normaliser_the_layers_own(make_layer, make_limits):
+    """Two layers with the same outputs but a 100x larger residual stream in the second."""
+    import copy
+
+    stats, outputs = make_layer(8, tokens=40, seed=11, layer=0)
+    louder = copy.copy(stats)
+    louder.layer = 1
+    louder.token_resid_sq = stats.token_resid_sq * 100
+    layers = {0: (stats, outputs), 1: (louder, outputs)}
+    model_plan = _plan(layers, make_limits, ratio=0.125)
+    assert model_plan.scores[1] == pytest.approx(model_plan.scores[0], rel=1e-12)
+    assert model_plan.info["normaliser"].startswith("model-mean")
+    layer_plan = _plan(layers, make_limits, ratio=0.125, normaliser="layer")
+    assert layer_plan.scores[1] == pytest.approx([s / 100 for s in layer_plan.scores[0]], rel=1e-9)
+    with pytest.raises(ValueError, match="normaliser"):
+        get_method("grape")(normaliser="nope")
