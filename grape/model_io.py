@@ -289,13 +289,6 @@ class LazyCausalLM:
     def num_layers(self) -> int:
         return len(self.adapter.decoder_layers(self.model))
 
-    def load_full(self) -> nn.Module:
-        """Materialise the whole model (for evaluation of small models)."""
-        self.materialize(self.model, "")
-        if getattr(self.config, "tie_word_embeddings", False):
-            self.model.tie_weights()
-        return self.model
-
 
 def _non_persistent(module: nn.Module) -> set[str]:
     names = set()

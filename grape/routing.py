@@ -47,22 +47,6 @@ class RoutingSpec:
     group_score: str = "max"
     correction_bias: torch.Tensor | None = None
 
-    def sliced(self, keep: torch.Tensor) -> "RoutingSpec":
-        """The spec of the same layer after keeping only experts ``keep`` (sorted indices)."""
-        bias = None if self.correction_bias is None else self.correction_bias[keep]
-        groups = self.n_group
-        return RoutingSpec(
-            top_k=self.top_k,
-            score_fn=self.score_fn,
-            topk_before_softmax=self.topk_before_softmax,
-            renormalize=self.renormalize,
-            scaling=self.scaling,
-            n_group=groups,
-            topk_group=self.topk_group,
-            group_score=self.group_score,
-            correction_bias=bias,
-        )
-
 
 def routing_scores(logits: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
     """Full per-expert score distribution (T, E) in float32: softmax or sigmoid of logits.
