@@ -6,6 +6,8 @@ import sys
 
 import pytest
 import torch
+
+import grape
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from grape.adapters import get_adapter
@@ -51,7 +53,7 @@ def test_ragged_checkpoint_loads_everywhere_with_same_logits(arch, tmp_path):
     ids = torch.randint(0, reference.config.vocab_size, (2, 10))
     with torch.no_grad():
         expected = reference(ids).logits
-        ours = load_pruned(out).eval()(ids).logits
+        ours = grape.load_pruned(out).eval()(ids).logits
         sys.modules.pop("transformers_modules", None)
         plain = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
         assert "grape" not in type(plain).__module__.split(".")[0]
