@@ -11,7 +11,7 @@ import grape
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from grape.adapters import get_adapter
-from grape.checkpoint import OutputExistsError, load_pruned, write_checkpoint
+from grape.checkpoint import OutputExistsError, write_checkpoint
 from grape.model_io import LazyCausalLM
 from grape.surgery import prune_block
 from tiny_models import ARCHS, build_tiny_model
