@@ -13,7 +13,7 @@ tokens routed to e:
 - ``plain_sq[e, c] = sum_t x_tc^2`` (Wanda),
 
 where x is gate_up_proj's input (the hidden state) or down_proj's input (the expert's
-intermediate activation, see :func:`expert_intermediate`).
+intermediate activation, see :func:`grape.adapters.expert_activation`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import nn
 
 from grape.calibration.runner import NonFiniteActivationError
 
-__all__ = ["RoutedBatch", "InputStats", "capture_routed_inputs", "expert_intermediate", "input_stats"]
+__all__ = ["RoutedBatch", "InputStats", "capture_routed_inputs", "input_stats"]
 
 
 @dataclass
@@ -114,21 +114,6 @@ def capture_routed_inputs(experts: nn.Module, *, layer: int) -> Iterator[list[Ro
             del experts.forward
         else:
             experts.forward = previous
-
-
-def expert_intermediate(experts: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
-    """down_proj's input for expert ``index`` on tokens ``x`` (T, H): act(gate) * up, float32.
-
-    Mirrors the first half of :func:`grape.adapters.expert_forward` (layouts, biases and the
-    architecture's ``_apply_gate``), computed in float32 so the statistics do not inherit bf16
-    rounding of the activation.
-    """
-    w_gate_up = experts.gate_up_proj[index].float()
-    x = x.float()
-    h = x @ w_gate_up if getattr(experts, "is_transposed", False) else nn.functional.linear(x, w_gate_up)
-    if getattr(experts, "has_bias", False):
-        h = h + experts.gate_up_proj_bias[index].float()
-    return experts._apply_gate(h)
 
 
 def input_stats(

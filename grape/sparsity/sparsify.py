@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from grape.adapters import UnsupportedModelError
+from grape.adapters import UnsupportedModelError, expert_activation
 from grape.calibration.runner import run_layerwise
 from grape.checkpoint import check_output_dir, write_checkpoint
 from grape.model_io import LazyCausalLM
@@ -40,7 +40,6 @@ from grape.sparsity.collect import (
     InputStats,
     RoutedBatch,
     capture_routed_inputs,
-    expert_intermediate,
     input_stats,
 )
 from grape.sparsity.layout import EXPERT_WEIGHTS, in_features, oriented
@@ -111,7 +110,7 @@ def sparsify_experts(experts: nn.Module, batches: list[RoutedBatch] | None, plan
             stats = None
             if plan.method.needs_calibration:
                 width = in_features(experts, name)
-                features = None if name == "gate_up_proj" else lambda e, x: expert_intermediate(experts, e, x)
+                features = None if name == "gate_up_proj" else lambda e, x: expert_activation(experts, e, x, dtype=torch.float32)
                 stats = input_stats(batches, num_experts, width, features)
                 tokens = stats.tokens
             for expert in range(num_experts):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from grape.calibration.runner import NonFiniteActivationError
-from grape.sparsity.collect import RoutedBatch, capture_routed_inputs, expert_intermediate, input_stats
+from grape.adapters import expert_activation
+from grape.sparsity.collect import RoutedBatch, capture_routed_inputs, input_stats
 from grape.sparsity.masks import parse_pattern
 from grape.sparsity.scores import SCORE_METHODS, get_score_method
 from grape.sparsity.sparsify import SparsityPlan, sparsify_experts
@@ -51,7 +52,7 @@ def test_down_statistics_use_the_intermediate_activation(mixtral_experts, routed
     batches = [routed_batch(31, 16, 4, seed=7)]
     gates = _dense_gates(batches, 4)[:, 2]
     x = batches[0].hidden.double()
-    stats = input_stats(batches, 4, 8, lambda e, h: expert_intermediate(experts, e, h))
+    stats = input_stats(batches, 4, 8, lambda e, h: expert_activation(experts, e, h, dtype=torch.float32))
     gate, up = (x @ experts.gate_up_proj.detach()[2].double().T).chunk(2, dim=-1)
     inter = torch.nn.functional.silu(gate) * up
     torch.testing.assert_close(stats.gated_sq[2], ((gates.unsqueeze(1) * inter) ** 2).sum(0), rtol=1e-5, atol=1e-9)
