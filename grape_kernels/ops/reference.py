@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from grape.routing import RoutingSpec, route
 from grape_kernels.ops.common import check_experts_inputs, gated_activation
 
 __all__ = ["ROUTING_MODES", "reference_experts", "reference_route_topk"]
@@ -94,34 +95,26 @@ def reference_route_topk(
         raise ValueError(f"top_k={top_k} must be between 1 and the number of experts E={experts}")
     if mode != "sigmoid_group" and (n_group != 1 or correction_bias is not None):
         raise ValueError(f"n_group / correction_bias apply to mode='sigmoid_group' only, not {mode!r}")
-    logits = logits.float()
-    if mode == "topk_softmax":
-        top, ids = logits.topk(top_k, dim=-1)
-        return ids.to(torch.int32), top.softmax(dim=-1) * scaling
-    if mode == "softmax_topk":
-        weights, ids = logits.softmax(dim=-1).topk(top_k, dim=-1)
-        if renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return ids.to(torch.int32), weights * scaling
-
-    if experts % n_group != 0:
-        raise ValueError(f"E={experts} experts do not split into n_group={n_group} equal groups")
-    per_group = experts // n_group
-    if not 1 <= topk_group <= n_group or topk_group * per_group < top_k:
-        raise ValueError(
-            f"topk_group={topk_group} of n_group={n_group} groups ({per_group} experts each) "
-            f"cannot supply top_k={top_k} experts"
-        )
-    scores = logits.sigmoid()
-    choice = scores if correction_bias is None else scores + correction_bias.float()
-    if n_group > 1:
-        grouped = choice.view(-1, n_group, per_group)
-        group_scores = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
-        best = group_scores.topk(topk_group, dim=-1).indices
-        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
-        choice = choice.masked_fill(~keep.repeat_interleave(per_group, dim=1), float("-inf"))
-    ids = choice.topk(top_k, dim=-1).indices
-    weights = scores.gather(1, ids)
-    if renormalize:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return ids.to(torch.int32), weights * scaling
+    if mode == "sigmoid_group":
+        if experts % n_group != 0:
+            raise ValueError(f"E={experts} experts do not split into n_group={n_group} equal groups")
+        per_group = experts // n_group
+        if not 1 <= topk_group <= n_group or topk_group * per_group < top_k:
+            raise ValueError(
+                f"topk_group={topk_group} of n_group={n_group} groups ({per_group} experts each) "
+                f"cannot supply top_k={top_k} experts"
+            )
+    # The architectures' routing semantics live in one place, grape.routing (plain PyTorch).
+    spec = RoutingSpec(
+        top_k=top_k,
+        score_fn="sigmoid" if mode == "sigmoid_group" else "softmax",
+        topk_before_softmax=mode == "topk_softmax",
+        renormalize=renormalize and mode != "topk_softmax",
+        scaling=scaling,
+        n_group=n_group,
+        topk_group=topk_group,
+        group_score="top2_sum",
+        correction_bias=correction_bias,
+    )
+    ids, weights = route(logits, spec)
+    return ids.to(torch.int32), weights
