@@ -46,7 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from grape.adapters import expert_forward
-from grape.checkpoint import check_output_dir, load_pruned, write_checkpoint
+from grape.checkpoint import check_output_dir, expert_counts, load_pruned, write_checkpoint
 from grape.model_io import LazyCausalLM
 from grape.ragged_modeling import select_experts
 from grape.report import write_json_atomic
@@ -81,14 +81,6 @@ def _kept_experts(student_dir: Path, counts: list[int | None]) -> tuple[dict[int
             )
         kept[layer] = indices
     return kept, report
-
-
-def _expert_counts(lazy: LazyCausalLM) -> list[int | None]:
-    counts = []
-    for layer in lazy.adapter.decoder_layers(lazy.model):
-        block = lazy.adapter.moe_block(layer)
-        counts.append(None if block is None else int(block.experts.gate_up_proj.shape[0]))
-    return counts
 
 
 @dataclass
@@ -385,7 +377,8 @@ def prepare_distill(
         s, t = getattr(student.config, key, None), getattr(teacher.config, key, None)
         if s != t:
             raise ValueError(f"student and teacher differ in {key} ({s!r} vs {t!r}): not the same architecture")
-    student_counts, teacher_counts = _expert_counts(student), _expert_counts(teacher)
+    student_counts = expert_counts(student.model, student)
+    teacher_counts = expert_counts(teacher.model, teacher)
     kept, report = _kept_experts(student.model_dir, student_counts)
     if not kept:
         raise ValueError(f"{student.model_dir} has no layer with routed experts: nothing to distill")
