@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import transformers
-
 from moe_harness import (
     DTYPES,
     TOKENS,

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         timings = []
         for config in candidate_configs(bucket, element_size, budget, args.quick):
             try:
-                ms = triton.testing.do_bench(lambda: fused_experts(**inputs, config=config), rep=args.rep)
+                ms = triton.testing.do_bench(lambda inputs=inputs, config=config: fused_experts(**inputs, config=config), rep=args.rep)
             except (TritonError, RuntimeError) as err:  # out of resources, ptxas failure, ...
                 print(f"  skip {config}: {type(err).__name__}", file=sys.stderr)
                 continue
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"T={tokens}: no candidate ran; keeping the table's entry", file=sys.stderr)
             continue
         best_ms, best = min(timings, key=lambda item: item[0])
-        base_ms = triton.testing.do_bench(lambda: fused_experts(**inputs, config=baseline), rep=args.rep)
+        base_ms = triton.testing.do_bench(lambda inputs=inputs, baseline=baseline: fused_experts(**inputs, config=baseline), rep=args.rep)
         print(f"T={tokens:6d} bucket={bucket:g}: {best_ms:.4f} ms with {best} ({base_ms / best_ms:.2f}x the table's)")
         table = merge_entry(table, n, k, bucket, best, device_name, note)
         args.out.write_text(json.dumps(table.to_json(), indent=2) + "\n")  # keep partial progress

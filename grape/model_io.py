@@ -198,7 +198,7 @@ class LazyCausalLM:
         self.checkpoint_dtype = checkpoint_dtype or dtype
 
     @classmethod
-    def open(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str = "cpu") -> "LazyCausalLM":
+    def open(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str = "cpu") -> LazyCausalLM:
         """Validate the checkpoint and build the skeleton; no weight is read yet.
 
         Raises :class:`~grape.adapters.UnsupportedModelError` for non-MoE models and

@@ -64,7 +64,7 @@ class LayerStats:
         return state
 
     @classmethod
-    def from_state(cls, state: dict) -> "LayerStats":
+    def from_state(cls, state: dict) -> LayerStats:
         state = dict(state)
         state["spec"] = RoutingSpec(**state["spec"])
         return cls(**state)

@@ -70,7 +70,7 @@ def _merge(experts: nn.Module, keep: list[int], merge_into: dict[int, int], freq
     groups: dict[int, list[int]] = {}
     for source, target in merge_into.items():
         groups.setdefault(target, [target]).append(source)
-    for name, tensor in list(experts.named_parameters(recurse=False)):
+    for tensor in list(experts.parameters(recurse=False)):
         if tensor.dim() == 0 or tensor.shape[0] != experts.num_experts:
             continue
         for target, members in groups.items():

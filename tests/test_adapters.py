@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny_models import ARCHS, build_tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from grape.adapters import UnsupportedModelError, expert_forward, get_adapter
 from grape.routing import route
-from tiny_models import ARCHS, build_tiny_model
 
 
 @pytest.fixture(scope="module", params=ARCHS)

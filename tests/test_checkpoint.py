@@ -1,20 +1,18 @@
 """Ragged checkpoints: smaller on disk, load with grape and with plain transformers, atomic."""
 
-import copy
 import json
 import sys
 
 import pytest
 import torch
-
-import grape
+from tiny_models import ARCHS, build_tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import grape
 from grape.adapters import get_adapter
 from grape.checkpoint import OutputExistsError, write_checkpoint
 from grape.model_io import LazyCausalLM
 from grape.surgery import prune_block
-from tiny_models import ARCHS, build_tiny_model
 
 # layer -> kept experts (ragged: each layer keeps a different number, group-balanced)
 RAGGED = {0: [0, 1, 2, 4, 5, 6], 1: [1, 2, 5, 6]}

@@ -6,15 +6,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import build_tiny_model, write_calibration_text
 
 from grape.cli import main
 from grape.model_io import CheckpointError, LazyCausalLM
-from tiny_models import build_tiny_model, write_calibration_text
 
 ALL_METHODS = ["random", "frequency", "soft_activation", "ean", "reap", "naee", "global_soft_activation", "grape"]
 

@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
+from tiny_models import ARCHS, build_tiny_model
 from transformers import AutoModelForCausalLM
 
 from grape.adapters import get_adapter
 from grape.routing import route
 from grape.surgery import SurgeryError, prune_block
-from tiny_models import ARCHS, build_tiny_model
 
 # keeps 6 of 8 experts, the same number in each half (valid for 2-group routing)
 KEEP = [0, 1, 3, 5, 6, 7]

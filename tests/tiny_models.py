@@ -102,5 +102,5 @@ def save_tiny_tokenizer(directory: Path) -> None:
 
 def write_calibration_text(path: Path, repeats: int = 40) -> Path:
     """A text file long enough for a few short calibration samples."""
-    path.write_text((SAMPLE_TEXT * repeats))
+    path.write_text(SAMPLE_TEXT * repeats)
     return path

@@ -59,10 +59,10 @@ class Selection:
     merge_into: dict[int, dict[int, int]] | None = None
 
 
-REGISTRY: dict[str, type["ExpertPruningMethod"]] = {}
+REGISTRY: dict[str, type[ExpertPruningMethod]] = {}
 
 
-def register(cls: type["ExpertPruningMethod"]) -> type["ExpertPruningMethod"]:
+def register(cls: type[ExpertPruningMethod]) -> type[ExpertPruningMethod]:
     """Class decorator: make a method available under its ``name`` (the CLI's ``--method``)."""
     if cls.name in REGISTRY:
         raise ValueError(f"pruning method {cls.name!r} is registered twice")

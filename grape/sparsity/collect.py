@@ -53,7 +53,7 @@ class InputStats:
     tokens: torch.Tensor
 
     @classmethod
-    def zeros(cls, num_experts: int, in_features: int) -> "InputStats":
+    def zeros(cls, num_experts: int, in_features: int) -> InputStats:
         return cls(
             gated_sq=torch.zeros(num_experts, in_features, dtype=torch.float64),
             plain_sq=torch.zeros(num_experts, in_features, dtype=torch.float64),
@@ -67,7 +67,7 @@ class InputStats:
         self.gated_sq[expert] += gates.to(torch.float64).square() @ x_sq
         self.tokens[expert] += x_sq.shape[0]
 
-    def add_shared(self, batch: "RoutedBatch") -> None:
+    def add_shared(self, batch: RoutedBatch) -> None:
         """Accumulate a batch whose inputs are the same for every expert (gate_up_proj's).
 
         One (E, T) x (T, in) product per statistic instead of a gather per expert: with dense

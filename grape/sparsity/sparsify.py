@@ -58,7 +58,7 @@ class SparsityPlan:
     sparsity: float
 
     @classmethod
-    def build(cls, method: str, sparsity: float | None, pattern: SparsityPattern) -> "SparsityPlan":
+    def build(cls, method: str, sparsity: float | None, pattern: SparsityPattern) -> SparsityPlan:
         """Validate the combination; N:M fixes the sparsity, so a conflicting value is an error."""
         score_method = get_score_method(method)
         if pattern.structured:

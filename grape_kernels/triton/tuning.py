@@ -93,7 +93,7 @@ class KernelConfig:
             raise ValueError(f"num_stages must be a positive int, got {self.num_stages!r}")
 
     @classmethod
-    def from_dict(cls, entry: dict) -> "KernelConfig":
+    def from_dict(cls, entry: dict) -> KernelConfig:
         """Parse the JSON form (``BLOCK_M`` ... ``num_stages``); unknown keys are an error."""
         if not isinstance(entry, dict) or set(entry) != set(_CONFIG_KEYS):
             raise ValueError(f"a kernel config needs exactly the keys {_CONFIG_KEYS}, got {entry!r}")
@@ -146,7 +146,7 @@ class TuningTable:
     note: str = ""
 
     @classmethod
-    def from_json(cls, obj: object, source: str = "<table>") -> "TuningTable":
+    def from_json(cls, obj: object, source: str = "<table>") -> TuningTable:
         """Parse and validate the JSON object; errors name ``source`` and the bad entry."""
         if not isinstance(obj, dict) or obj.get("format") != TABLE_FORMAT:
             raise ValueError(f"{source}: not a {TABLE_FORMAT} tuning table")
@@ -164,7 +164,7 @@ class TuningTable:
         return cls(default, shapes, str(obj.get("device", "unknown")), str(obj.get("note", "")))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "TuningTable":
+    def load(cls, path: str | os.PathLike) -> TuningTable:
         """Read a table file."""
         path = Path(path)
         try:
@@ -198,7 +198,7 @@ class TuningTable:
 _override: TuningTable | None = None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_cached(path: str) -> TuningTable:
     return TuningTable.load(path)
 
@@ -238,7 +238,7 @@ def fit_shared_memory(config: KernelConfig, element_size: int, budget: int) -> K
     return KernelConfig.from_dict(fields)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_shared_memory(index: int) -> int:
     import triton
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from tiny_models import ARCHS, tiny_config
+from torch import nn
 
 import grape_kernels
 from grape_kernels import available_backends, swap_moe_blocks

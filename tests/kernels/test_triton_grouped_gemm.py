@@ -26,9 +26,12 @@ pytest.importorskip("triton")
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from grape_kernels.triton import KernelConfig, fused_experts  # noqa: E402
+from grape_kernels.triton import (  # noqa: E402
+    KernelConfig,
+    fused_experts,
+    tuning,  # noqa: E402
+)
 from grape_kernels.triton import grouped_gemm as triton_gemm  # noqa: E402
-from grape_kernels.triton import tuning  # noqa: E402
 
 if DEVICE == "cpu" and not isinstance(triton_gemm._gate_up_kernel, InterpretedFunction):
     raise RuntimeError(

@@ -167,7 +167,7 @@ def test_min_keep_and_group_balance_are_respected(cost, make_layer):
     limits = {0: LayerLimits(8, 4, n_group=2), 1: LayerLimits(8, 4, n_group=2)}
     method = get_method("grape")(cost=cost, **UNGUARDED)
     plan = method.plan({0: redundant, 1: other}, limits, ratio=0.5)
-    for layer, kept in plan.keep.items():
+    for kept in plan.keep.values():
         assert len(kept) >= 4
         assert sum(e < 4 for e in kept) == sum(e >= 4 for e in kept)
     assert plan.info["removed_per_layer"] == {0: 4, 1: 4}
@@ -221,7 +221,7 @@ def test_reroute_cost_is_the_exact_error_increase(make_layer, make_limits):
         stats, outputs = layers[layer]
         logits = stats.token_logits.float()
 
-        def output(mask=None):
+        def output(mask=None, logits=logits, stats=stats, outputs=outputs):
             weights = dense_routing_weights(logits, stats.spec, mask).double()
             return torch.einsum("te,teh->th", weights, outputs)
 

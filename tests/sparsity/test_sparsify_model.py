@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import ARCHS, build_tiny_model
 
 from grape.adapters import UnsupportedModelError
 from grape.checkpoint import OutputExistsError, load_pruned, write_checkpoint
@@ -17,8 +18,6 @@ from grape.sparsity.collect import capture_routed_inputs
 from grape.sparsity.masks import parse_pattern
 from grape.sparsity.sparsify import SparsityPlan, sparsify_experts, sparsify_model
 from grape.surgery import prune_block
-from tiny_models import ARCHS, build_tiny_model
-
 
 
 def _digest(directory: Path) -> dict[str, str]:
