@@ -7,7 +7,7 @@ memory is one decoder layer. Layout (the contract in DESIGN.md):
 - ``config.json``: the original architecture plus ``grape_experts_per_layer`` (one entry per
   decoder layer, None for dense layers) and ``grape_moe_layout``; the scalar expert count is
   set to the largest layer's count, and ``auto_map`` points at ``modeling_grape.py``.
-- ``modeling_grape.py``: a copy of :mod:`grape.ragged_modeling` plus a ``*ForCausalLM``
+- ``modeling_grape.py``: a copy of :mod:`grape_kernels.ragged_modeling` plus a ``*ForCausalLM``
   subclass, so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works
   without grape installed.
 - safetensors shards holding only the kept experts, in the model's native (fused) tensor
@@ -28,10 +28,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from grape import ragged_modeling
 from grape.model_io import LazyCausalLM
-from grape.ragged_modeling import GRAPE_COUNTS_KEY, GRAPE_LAYOUT_KEY, make_ragged_class
 from grape.report import plot_experts_per_layer, write_json_atomic
+from grape_kernels import ragged_modeling
+from grape_kernels.ragged_modeling import GRAPE_COUNTS_KEY, GRAPE_LAYOUT_KEY, make_ragged_class
 
 __all__ = [
     "OutputExistsError",

@@ -45,11 +45,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from grape.adapters import expert_forward
 from grape.checkpoint import check_output_dir, expert_counts, load_pruned, write_checkpoint
 from grape.model_io import LazyCausalLM
-from grape.ragged_modeling import select_experts
 from grape.report import write_json_atomic
+from grape_kernels.experts_module import expert_forward
+from grape_kernels.ragged_modeling import select_experts
 
 __all__ = ["DistillJob", "prepare_distill", "distill", "distill_cli"]
 

@@ -28,8 +28,8 @@ from typing import Any
 
 from safetensors import safe_open
 
-from grape.adapters import MoEAdapter, get_adapter
 from grape.report import format_table
+from grape_kernels.architectures import MoEAdapter, get_adapter
 
 __all__ = [
     "CheckpointFormatError",
@@ -285,7 +285,7 @@ def model_info(path: str | os.PathLike[str], *, sparsity: bool = False) -> dict:
         CheckpointFormatError: missing/unreadable config or weights, a corrupt or truncated
             safetensors file (named), a tensor missing from its shard, or expert counts in the
             weights that disagree with the config.
-        grape.adapters.UnsupportedModelError: the config is not a supported MoE architecture.
+        grape_kernels.architectures.UnsupportedModelError: the config is not a supported MoE architecture.
     """
     folder = Path(path)
     config_path = folder / "config.json"

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from grape.adapters import MoEAdapter, get_adapter
+from grape_kernels.architectures import MoEAdapter, get_adapter
 
 __all__ = ["CheckpointError", "CheckpointIndex", "LazyCausalLM", "resolve_model_path"]
 
@@ -201,7 +201,7 @@ class LazyCausalLM:
     def open(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str = "cpu") -> LazyCausalLM:
         """Validate the checkpoint and build the skeleton; no weight is read yet.
 
-        Raises :class:`~grape.adapters.UnsupportedModelError` for non-MoE models and
+        Raises :class:`~grape_kernels.architectures.UnsupportedModelError` for non-MoE models and
         :class:`CheckpointError` for missing/corrupt weights, both before any heavy work.
         """
         from accelerate import init_empty_weights
@@ -215,7 +215,7 @@ class LazyCausalLM:
         dtype = dtype or checkpoint_dtype
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        from grape.ragged_modeling import apply_ragged_experts
+        from grape_kernels.ragged_modeling import apply_ragged_experts
 
         apply_ragged_experts(model)
         model.eval()

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from grape.routing import RoutingSpec
+from grape_kernels.routing import RoutingSpec
 
 __all__ = ["LayerStats"]
 

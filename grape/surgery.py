@@ -2,7 +2,7 @@
 
 Dropping keeps the listed experts: every per-expert tensor of the router and the experts
 (router rows and bias, ``e_score_correction_bias``, fused 3-D weights, expert biases) is sliced
-with the same index by :func:`grape.ragged_modeling.select_experts`, so the layer routes among
+with the same index by :func:`grape_kernels.ragged_modeling.select_experts`, so the layer routes among
 the kept experts exactly as if the removed ones had router logit -inf. Shared experts are
 separate modules and are never touched. Kept indices stay in ascending order, which keeps
 group-limited routing valid when each group keeps the same number of experts.
@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grape.adapters import MoEAdapter
-from grape.ragged_modeling import select_experts
+from grape_kernels.architectures import MoEAdapter
+from grape_kernels.ragged_modeling import select_experts
 
 __all__ = ["prune_block", "SurgeryError"]
 

@@ -58,7 +58,7 @@ def route_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route every token on the GPU: ids ``(T, k)`` int32 and weights ``(T, k)`` float32.
 
-    Same semantics as :func:`grape_kernels.triton.route_topk` (and :func:`grape.routing.route`);
+    Same semantics as :func:`grape_kernels.triton.route_topk` (and :func:`grape_kernels.routing.route`);
     ties resolve to the lowest expert id.
     """
     check_route_args(logits, top_k, mode, correction_bias, n_group, topk_group)

@@ -9,10 +9,10 @@ from tiny_models import ARCHS, build_tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import grape
-from grape.adapters import get_adapter
 from grape.checkpoint import OutputExistsError, write_checkpoint
 from grape.model_io import LazyCausalLM
 from grape.surgery import prune_block
+from grape_kernels.architectures import get_adapter
 
 # layer -> kept experts (ragged: each layer keeps a different number, group-balanced)
 RAGGED = {0: [0, 1, 2, 4, 5, 6], 1: [1, 2, 5, 6]}

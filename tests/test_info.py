@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, MixtralConfig, MixtralForCausalLM
 
 import grape.info as info_module
-from grape.adapters import UnsupportedModelError
 from grape.info import (
     CheckpointFormatError,
     compare_info,
@@ -20,6 +19,7 @@ from grape.info import (
     format_info,
     model_info,
 )
+from grape_kernels.architectures import UnsupportedModelError
 
 SHARED_MODEL = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "mixtral-8x-pydoc"
 H, I, E = 32, 64, 4  # hidden size, expert intermediate size, experts per layer

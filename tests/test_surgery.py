@@ -7,9 +7,9 @@ import torch
 from tiny_models import ARCHS, build_tiny_model
 from transformers import AutoModelForCausalLM
 
-from grape.adapters import get_adapter
-from grape.routing import route
 from grape.surgery import SurgeryError, prune_block
+from grape_kernels.architectures import get_adapter
+from grape_kernels.routing import route
 
 # keeps 6 of 8 experts, the same number in each half (valid for 2-group routing)
 KEEP = [0, 1, 3, 5, 6, 7]

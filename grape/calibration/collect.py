@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from grape.adapters import MoEAdapter, expert_forward
 from grape.calibration.runner import NonFiniteActivationError, run_layerwise
 from grape.model_io import LazyCausalLM
-from grape.routing import routing_scores
 from grape.stats import LayerStats
+from grape_kernels.architectures import MoEAdapter
+from grape_kernels.experts_module import expert_forward
+from grape_kernels.routing import routing_scores
 
 __all__ = ["collect_layer_stats", "measure_layer", "stats_cache_key", "default_cache_dir"]
 

@@ -117,8 +117,8 @@ from grape.budget import (
 )
 from grape.methods.base import ExpertPruningMethod, Selection, register
 from grape.methods.reconstruction import ReroutingError, residual_energy
-from grape.routing import dense_routing_weights
 from grape.stats import LayerStats
+from grape_kernels.routing import dense_routing_weights
 
 __all__ = ["GRAPEMethod"]
 

@@ -2,7 +2,7 @@
 
 On a sampled token t the layer's routed output is y_t = sum_e w_te o_e(t). After removing
 experts the pruned router picks other experts with other weights w'_t (exactly as
-``grape.routing.route`` with a ``keep`` mask says), so the error is
+``grape_kernels.routing.route`` with a ``keep`` mask says), so the error is
 ||y_t - y'_t||^2 = d_t^T G_t d_t with d_t = w_t - w'_t and G_t the token's expert-output Gram.
 No expert has to be re-run: the statistics already hold everything.
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from grape.routing import route
 from grape.stats import LayerStats
+from grape_kernels.routing import route
 
 __all__ = ["ReroutingError", "residual_energy"]
 

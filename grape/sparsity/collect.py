@@ -13,7 +13,7 @@ tokens routed to e:
 - ``plain_sq[e, c] = sum_t x_tc^2`` (Wanda),
 
 where x is gate_up_proj's input (the hidden state) or down_proj's input (the expert's
-intermediate activation, see :func:`grape.adapters.expert_activation`).
+intermediate activation, see :func:`grape_kernels.architectures.expert_activation`).
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from grape.adapters import UnsupportedModelError, expert_activation
 from grape.calibration.runner import run_layerwise
 from grape.checkpoint import check_output_dir, write_checkpoint
 from grape.model_io import LazyCausalLM
@@ -45,6 +44,8 @@ from grape.sparsity.collect import (
 from grape.sparsity.layout import EXPERT_WEIGHTS, in_features, oriented
 from grape.sparsity.masks import SparsityPattern, keep_mask, parse_pattern
 from grape.sparsity.scores import SCORE_METHODS, ScoreMethod, get_score_method
+from grape_kernels.architectures import UnsupportedModelError
+from grape_kernels.experts_module import expert_activation
 
 __all__ = ["SparsityPlan", "SparsifyJob", "sparsify_experts", "prepare_sparsify", "sparsify_model", "sparsify_cli"]
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from grape.routing import RoutingSpec, route
 from grape_kernels.ops.common import check_experts_inputs, gated_activation
+from grape_kernels.routing import RoutingSpec, route
 
 __all__ = ["ROUTING_MODES", "reference_experts", "reference_route_topk"]
 
@@ -104,7 +104,7 @@ def reference_route_topk(
                 f"topk_group={topk_group} of n_group={n_group} groups ({per_group} experts each) "
                 f"cannot supply top_k={top_k} experts"
             )
-    # The architectures' routing semantics live in one place, grape.routing (plain PyTorch).
+    # The architectures' routing semantics live in one place, grape_kernels.routing (plain PyTorch).
     spec = RoutingSpec(
         top_k=top_k,
         score_fn="sigmoid" if mode == "sigmoid_group" else "softmax",

@@ -1,6 +1,6 @@
 """Router top-k as one Triton kernel: scores, (group-limited) selection and weights.
 
-Semantics are those of :func:`grape.routing.route` (the source of truth, and what the tests
+Semantics are those of :func:`grape_kernels.routing.route` (the source of truth, and what the tests
 compare against); the modes map onto its ``RoutingSpec`` as
 
 ========================  ================================================================

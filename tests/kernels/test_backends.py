@@ -310,7 +310,7 @@ def test_cpu_backend_refuses_autograd():
 # ---- reference routing --------------------------------------------------------------------------
 def _route_oracle(logits: Tensor, k: int, mode: str, renormalize: bool = False, scaling: float = 1.0,
                   bias: Tensor | None = None, n_group: int = 1, topk_group: int = 1) -> tuple[Tensor, Tensor]:
-    """float64 routing, written independently of grape_kernels and grape.routing."""
+    """float64 routing, written independently of grape_kernels and grape_kernels.routing."""
     x = logits.double()
     if mode == "topk_softmax":
         top, ids = x.topk(k, dim=-1)

@@ -1,5 +1,5 @@
 """The Python front-end of the CUDA extension: availability, validation, and (on a GPU with
-the extension built) agreement with grape.routing.route and a plain align-block-size loop.
+the extension built) agreement with grape_kernels.routing.route and a plain align-block-size loop.
 
 On a machine without a GPU only the first part runs; the GPU part is what to run once the
 extension is built on real hardware.
@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grape.routing import RoutingSpec, route
 from grape_kernels import cuda_ops
+from grape_kernels.routing import RoutingSpec, route
 
 needs_extension = pytest.mark.skipif(not cuda_ops.available(), reason="needs grape_kernels._C and a CUDA device")
 

@@ -3,7 +3,7 @@
 Routing is checked three ways on fresh random logits: the chosen experts' selection keys must
 be the top-k keys of a float64 recomputation (tie-proof), the weights must match a float64
 recomputation at the chosen ids, and for fp32 inputs ids and weights must equal
-:func:`grape.routing.route`, the project's source of truth for router semantics.
+:func:`grape_kernels.routing.route`, the project's source of truth for router semantics.
 Align-block-size is compared element for element with a plain Python loop over experts.
 The grid over E / top_k / tokens / dtype is sampled, not crossed, to keep the interpreter fast.
 """
@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from grape.routing import RoutingSpec, route  # noqa: E402
+from grape_kernels.routing import RoutingSpec, route  # noqa: E402
 from grape_kernels.triton import align_block_size, route_topk  # noqa: E402
 from grape_kernels.triton import routing as triton_routing  # noqa: E402
 
@@ -168,7 +168,7 @@ def test_route_topk_non_contiguous_inputs(mode):
 
 @pytest.mark.parametrize("mode", ["softmax_topk", "topk_softmax"])
 def test_route_topk_equals_routing_after_pruning(mode):
-    """-inf logits (experts removed) route exactly like grape.routing.route with a keep mask."""
+    """-inf logits (experts removed) route exactly like grape_kernels.routing.route with a keep mask."""
     gen = _generator(11)
     logits = torch.randn(7, 13, generator=gen)
     keep = torch.ones(13, dtype=torch.bool)

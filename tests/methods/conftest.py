@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from grape.budget import LayerLimits
-from grape.routing import RoutingSpec, route, routing_scores
 from grape.stats import LayerStats
+from grape_kernels.routing import RoutingSpec, route, routing_scores
 
 
 def stats_from_outputs(

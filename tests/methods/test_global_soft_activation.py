@@ -7,7 +7,7 @@ import torch
 
 from grape.budget import BudgetError, LayerLimits
 from grape.methods import get_method
-from grape.routing import RoutingSpec
+from grape_kernels.routing import RoutingSpec
 
 
 def _layer_with_weak_experts(make_layer, layer, weak, seed, tokens=48):

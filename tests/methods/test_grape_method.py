@@ -14,7 +14,7 @@ import torch
 
 from grape.budget import LayerLimits
 from grape.methods import get_method
-from grape.routing import RoutingSpec, dense_routing_weights
+from grape_kernels.routing import RoutingSpec, dense_routing_weights
 
 UNGUARDED = {"entropy_floor": 0.0, "max_layer_share": 1.0}
 TWINS = {1: 0, 3: 2, 5: 4, 7: 6}

@@ -9,7 +9,7 @@ import torch
 
 from grape.budget import LayerLimits
 from grape.methods import get_method
-from grape.routing import RoutingSpec, dense_routing_weights
+from grape_kernels.routing import RoutingSpec, dense_routing_weights
 
 
 def _output_error(outputs, logits, spec, drop) -> float:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grape.methods.reconstruction import ReroutingError, residual_energy
-from grape.routing import RoutingSpec, dense_routing_weights
+from grape_kernels.routing import RoutingSpec, dense_routing_weights
 
 SPECS = [
     RoutingSpec(top_k=2, renormalize=True),

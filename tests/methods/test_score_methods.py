@@ -7,7 +7,7 @@ import torch
 
 from grape.budget import BudgetError, LayerLimits
 from grape.methods import available_methods, get_method
-from grape.routing import RoutingSpec, route
+from grape_kernels.routing import RoutingSpec, route
 
 
 def _removed(plan, layer):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grape.adapters import expert_activation
 from grape.calibration.runner import NonFiniteActivationError
 from grape.sparsity.collect import RoutedBatch, capture_routed_inputs, input_stats
 from grape.sparsity.masks import parse_pattern
 from grape.sparsity.scores import SCORE_METHODS, get_score_method
 from grape.sparsity.sparsify import SparsityPlan, sparsify_experts
+from grape_kernels.experts_module import expert_activation
 
 
 def _dense_gates(batches: list[RoutedBatch], experts: int) -> torch.Tensor:

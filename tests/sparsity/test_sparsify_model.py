@@ -10,7 +10,6 @@ import pytest
 import torch
 from tiny_models import ARCHS, build_tiny_model
 
-from grape.adapters import UnsupportedModelError
 from grape.checkpoint import OutputExistsError, load_pruned, write_checkpoint
 from grape.model_io import LazyCausalLM
 from grape.sparsity import sparsify as sparsify_module
@@ -18,6 +17,7 @@ from grape.sparsity.collect import capture_routed_inputs
 from grape.sparsity.masks import parse_pattern
 from grape.sparsity.sparsify import SparsityPlan, sparsify_experts, sparsify_model
 from grape.surgery import prune_block
+from grape_kernels.architectures import UnsupportedModelError
 
 
 def _digest(directory: Path) -> dict[str, str]:

@@ -1,11 +1,15 @@
-"""Architecture adapters: where the MoE parts of a transformers model live and how they route.
+"""Every supported MoE architecture as one record: where its MoE parts live and how it routes.
 
-Every supported architecture in transformers 5.x stores a MoE block as ``router`` (a module with
+This is the one table of architecture facts. Pruning (``grape``), the kernels' transformers
+integration and the vLLM plugin all read it, so a new architecture is one :class:`MoEAdapter`
+entry in :data:`ADAPTERS` plus its test fixture; nothing else switches on ``model_type``.
+
+Every supported architecture in transformers 5.x stores a MoE block as a router (a module with
 an (E, H) ``weight``, optionally an (E,) ``bias`` and an (E,) ``e_score_correction_bias``) plus
-``experts`` (fused 3-D parameters whose first dimension is E) plus optional shared experts. An
-adapter therefore only records names and routing semantics; slicing is generic ("every tensor of
-the router and the experts whose leading dimension is E"), which is what keeps surgery, the
-ragged modeling file and the statistics identical across architectures.
+``experts`` (fused 3-D parameters whose first dimension is E) plus optional shared experts. A
+record therefore holds names and routing rules; slicing is generic ("every tensor of the router
+and the experts whose leading dimension is E"), which is what keeps surgery, the ragged modeling
+file and the statistics identical across architectures.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from grape.routing import RoutingSpec
+from grape_kernels.routing import ROUTING_MODES, RoutingSpec
 
 __all__ = [
     "MoEAdapter",
@@ -27,7 +31,7 @@ __all__ = [
 
 
 class UnsupportedModelError(ValueError):
-    """The model is not a Mixture-of-Experts architecture grape knows how to prune."""
+    """The model is not a Mixture-of-Experts architecture grape knows how to handle."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,22 @@ class MoEAdapter:
         name: human-readable family name (used in errors and reports).
         model_types: ``config.model_type`` values handled.
         count_key: config attribute holding the number of routed experts per layer.
+        router_class: the transformers router class of the family (the kernels' router swap
+            replaces only routers of this class, so a changed upstream class is refused, not
+            routed with stale rules).
+        routing_mode: one of :data:`grape_kernels.routing.ROUTING_MODES`: ``"softmax_topk"``,
+            ``"topk_softmax"`` (top-k on logits, softmax over those, GPT-OSS) or
+            ``"sigmoid_group"`` (sigmoid scores + correction bias + group-limited top-k,
+            DeepSeek-V3).
+        renormalize: whether the chosen weights are divided by their sum; None means the config's
+            ``norm_topk_prob`` decides (Mixtral always renormalises, DeepSeek-V2 never does,
+            whatever its config says).
+        group_score: how group-limited routing scores a group: ``"max"`` (DeepSeek-V2) or
+            ``"top2_sum"`` (DeepSeek-V3).
+        float32_router_logits: the router computes its logits in float32 from float32 weights
+            and ignores any router bias (DeepSeek) rather than in the model dtype.
+        router_weights_in_logits_dtype: the router casts its top-k weights back to the logits'
+            dtype (Qwen, OLMoE, GPT-OSS) instead of returning float32 (Mixtral, DeepSeek).
         block_attr: attribute of a decoder layer holding its MoE block (dense layers lack experts).
         router_attr: attribute of the MoE block holding the router.
         shared_attrs: attributes of the MoE block that are shared experts (never pruned).
@@ -46,9 +66,19 @@ class MoEAdapter:
     name: str
     model_types: tuple[str, ...]
     count_key: str
+    router_class: str
+    routing_mode: str = "softmax_topk"
+    renormalize: bool | None = None
+    group_score: str = "max"
+    float32_router_logits: bool = False
+    router_weights_in_logits_dtype: bool = True
     block_attr: str = "mlp"
     router_attr: str = "gate"
     shared_attrs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.routing_mode not in ROUTING_MODES:
+            raise ValueError(f"{self.name}: routing_mode must be one of {ROUTING_MODES}, got {self.routing_mode!r}")
 
     # ---- model structure -------------------------------------------------------------------
     @staticmethod
@@ -94,6 +124,10 @@ class MoEAdapter:
             return 1
         return int(getattr(config, "n_group", None) or 1)
 
+    @staticmethod
+    def topk_group(config) -> int:
+        return int(getattr(config, "topk_group", 1) or 1)
+
     def min_experts(self, config) -> int:
         """Fewest routed experts a layer may keep and still route validly.
 
@@ -105,58 +139,35 @@ class MoEAdapter:
         groups = self.n_group(config)
         if groups == 1:
             return k
-        topk_group = int(getattr(config, "topk_group", 1) or 1)
-        per_group = max(-(-k // topk_group), 2 if self.group_score(config) == "top2_sum" else 1)
+        per_group = max(-(-k // self.topk_group(config)), 2 if self.group_score == "top2_sum" else 1)
         return groups * per_group
-
-    def group_score(self, config) -> str:
-        return "top2_sum" if self.routing_kind == "sigmoid" else "max"
-
-    @property
-    def routing_kind(self) -> str:
-        return {
-            "gpt_oss": "topk_softmax",
-            "deepseek_v3": "sigmoid",
-        }.get(self.model_types[0], "softmax")
 
     # ---- routing ---------------------------------------------------------------------------
     def routing_spec(self, config, router: nn.Module | None = None) -> RoutingSpec:
         """The layer's routing rule; ``router`` supplies the correction bias when it has one."""
-        kind = self.routing_kind
-        bias = getattr(router, "e_score_correction_bias", None) if router is not None else None
-        if kind == "topk_softmax":
+        if self.routing_mode == "topk_softmax":
             return RoutingSpec(top_k=self.top_k(config), topk_before_softmax=True)
-        if kind == "sigmoid":
-            return RoutingSpec(
-                top_k=self.top_k(config),
-                score_fn="sigmoid",
-                renormalize=bool(getattr(config, "norm_topk_prob", True)),
-                scaling=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0),
-                n_group=self.n_group(config),
-                topk_group=int(getattr(config, "topk_group", 1) or 1),
-                group_score="top2_sum",
-                correction_bias=None if bias is None else bias.detach().float().cpu(),
-            )
-        # Mixtral always renormalises; DeepSeek-V2's router never does (whatever the config says).
-        renormalize = {"mixtral": True, "deepseek_v2": False}.get(
-            self.model_types[0], bool(getattr(config, "norm_topk_prob", False))
-        )
+        bias = getattr(router, "e_score_correction_bias", None) if router is not None else None
+        renormalize = self.renormalize
+        if renormalize is None:
+            renormalize = bool(getattr(config, "norm_topk_prob", self.routing_mode == "sigmoid_group"))
         return RoutingSpec(
             top_k=self.top_k(config),
+            score_fn="sigmoid" if self.routing_mode == "sigmoid_group" else "softmax",
             renormalize=renormalize,
             scaling=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0),
             n_group=self.n_group(config),
-            topk_group=int(getattr(config, "topk_group", 1) or 1),
-            group_score="max",
+            topk_group=self.topk_group(config),
+            group_score=self.group_score,
+            correction_bias=None if bias is None else bias.detach().float().cpu(),
         )
 
     def router_logits(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """(T, E) router logits for flattened hidden states, computed like the router does."""
         router = self.router(block)
-        bias = getattr(router, "bias", None)
-        if self.routing_kind == "sigmoid" or self.model_types[0] == "deepseek_v2":
+        if self.float32_router_logits:
             return nn.functional.linear(hidden.float(), router.weight.float())
-        return nn.functional.linear(hidden, router.weight, bias)
+        return nn.functional.linear(hidden, router.weight, getattr(router, "bias", None))
 
     # ---- per-expert tensors ----------------------------------------------------------------
     def expert_modules(self, block: nn.Module) -> tuple[nn.Module, ...]:
@@ -164,55 +175,31 @@ class MoEAdapter:
         return (self.router(block), block.experts)
 
 
-def expert_activation(
-    experts: nn.Module, index: int, x: torch.Tensor, *, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """Input of expert ``index``'s down projection on tokens ``x`` (T, H): act(gate) * up.
-
-    Generic over the layouts transformers uses (flags set by ``use_experts_implementation``):
-    concatenated [gate; up] or interleaved gate/up columns, (out, in) or transposed (in, out)
-    storage, optional biases, and the architecture's own ``_apply_gate`` (GPT-OSS's clamped
-    SwiGLU). ``dtype`` computes in that type (e.g. float32 statistics of a bf16 model).
-    """
-    w_gate_up = experts.gate_up_proj[index]
-    if dtype is not None:
-        w_gate_up, x = w_gate_up.to(dtype), x.to(dtype)
-    h = x @ w_gate_up if getattr(experts, "is_transposed", False) else nn.functional.linear(x, w_gate_up)
-    if getattr(experts, "has_bias", False):
-        h = h + experts.gate_up_proj_bias[index].to(h.dtype)
-    return experts._apply_gate(h)
-
-
-def expert_forward(experts: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
-    """Output of routed expert ``index`` on tokens ``x`` (T, H), unweighted.
-
-    Statistics and distillation both call this, so they see exactly the model's math.
-    """
-    h = expert_activation(experts, index, x)
-    w_down = experts.down_proj[index]
-    out = h @ w_down if getattr(experts, "is_transposed", False) else nn.functional.linear(h, w_down)
-    if getattr(experts, "has_bias", False):
-        out = out + experts.down_proj_bias[index]
-    return out
-
-
 ADAPTERS: tuple[MoEAdapter, ...] = (
-    MoEAdapter("Mixtral", ("mixtral",), count_key="num_local_experts"),
     MoEAdapter(
-        "Qwen2-MoE",
-        ("qwen2_moe",),
-        count_key="num_experts",
+        "Mixtral", ("mixtral",), count_key="num_local_experts", router_class="MixtralTopKRouter",
+        renormalize=True, router_weights_in_logits_dtype=False,
+    ),
+    MoEAdapter(
+        "Qwen2-MoE", ("qwen2_moe",), count_key="num_experts", router_class="Qwen2MoeTopKRouter",
         shared_attrs=("shared_expert", "shared_expert_gate"),
     ),
-    MoEAdapter("Qwen3-MoE", ("qwen3_moe",), count_key="num_experts"),
-    MoEAdapter("OLMoE", ("olmoe",), count_key="num_experts"),
+    MoEAdapter("Qwen3-MoE", ("qwen3_moe",), count_key="num_experts", router_class="Qwen3MoeTopKRouter"),
+    MoEAdapter("OLMoE", ("olmoe",), count_key="num_experts", router_class="OlmoeTopKRouter"),
     MoEAdapter(
-        "DeepSeek-V3", ("deepseek_v3",), count_key="n_routed_experts", shared_attrs=("shared_experts",)
+        "DeepSeek-V3", ("deepseek_v3",), count_key="n_routed_experts", router_class="DeepseekV3TopkRouter",
+        routing_mode="sigmoid_group", group_score="top2_sum", float32_router_logits=True,
+        router_weights_in_logits_dtype=False, shared_attrs=("shared_experts",),
     ),
     MoEAdapter(
-        "DeepSeek-V2", ("deepseek_v2",), count_key="n_routed_experts", shared_attrs=("shared_experts",)
+        "DeepSeek-V2", ("deepseek_v2",), count_key="n_routed_experts", router_class="DeepseekV2TopkRouter",
+        renormalize=False, float32_router_logits=True, router_weights_in_logits_dtype=False,
+        shared_attrs=("shared_experts",),
     ),
-    MoEAdapter("GPT-OSS", ("gpt_oss",), count_key="num_local_experts", router_attr="router"),
+    MoEAdapter(
+        "GPT-OSS", ("gpt_oss",), count_key="num_local_experts", router_class="GptOssTopKRouter",
+        routing_mode="topk_softmax", router_attr="router",
+    ),
 )
 
 

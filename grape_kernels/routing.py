@@ -1,5 +1,7 @@
 """Router semantics of every supported architecture, as plain PyTorch on router logits.
 
+This is the source of truth the routing kernels are tested against.
+
 The transformers router modules compute routing from hidden states; pruning needs more than
 that: the full score distribution (soft-activation criteria), and the routing a layer *would*
 produce if some experts were removed (NAEE's reconstruction error, GRAPE's re-routing costs).
@@ -17,7 +19,19 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RoutingSpec", "routing_scores", "route", "dense_routing_weights"]
+__all__ = ["ROUTING_MODES", "MODE_CODES", "RoutingSpec", "routing_scores", "route", "dense_routing_weights"]
+
+ROUTING_MODES: tuple[str, ...] = ("softmax_topk", "topk_softmax", "sigmoid_group")
+"""The routing rules the routing kernels implement (``route_topk(..., mode=...)``):
+
+- ``softmax_topk``: softmax over all logits, top-k of the probabilities (optionally renormalised);
+- ``topk_softmax``: top-k of the logits, softmax over those k (GPT-OSS);
+- ``sigmoid_group``: sigmoid scores, correction bias for the choice only, group-limited top-k
+  with groups scored by their best two (DeepSeek-V3).
+"""
+
+MODE_CODES: dict[str, int] = {mode: code for code, mode in enumerate(ROUTING_MODES)}
+"""The integer each mode is passed to the Triton and CUDA kernels as."""
 
 
 @dataclass(frozen=True)

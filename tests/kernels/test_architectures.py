@@ -1,12 +1,13 @@
-"""Adapters and routing specs against the real transformers modules of every architecture."""
+"""Architecture records and routing specs against the real transformers modules of every architecture."""
 
 import pytest
 import torch
 from tiny_models import ARCHS, build_tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-from grape.adapters import UnsupportedModelError, expert_forward, get_adapter
-from grape.routing import route
+from grape_kernels.architectures import UnsupportedModelError, get_adapter
+from grape_kernels.experts_module import expert_forward
+from grape_kernels.routing import route
 
 
 @pytest.fixture(scope="module", params=ARCHS)
