@@ -79,7 +79,7 @@ def quantize_mxfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(blocks, scales)`` of a float tensor ``(..., K)``, K a multiple of 32, by the OCP MX rule."""
     if x.shape[-1] % BLOCK:
         raise ValueError(f"MXFP4 quantizes groups of {BLOCK} along the last dimension; it has {x.shape[-1]}")
-    values = x.detach().to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+    values = x.detach().to(torch.float32).contiguous().reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
     if not bool(torch.isfinite(values).all()):
         raise ValueError("cannot quantize NaN or infinite values to MXFP4")
     amax = values.abs().amax(dim=-1)
