@@ -86,7 +86,9 @@ def _random_model_tensors(config, seed: int) -> tuple[dict[str, torch.Tensor], d
                 tensor.normal_(0.0, 0.3)
         for name, buf in model.named_buffers():
             if "e_score_correction_bias" in name:
-                buf.uniform_(-0.1, 0.1)
+                # non-negative, so every choice score is positive: transformers fills unselected groups
+                # with 0.0, which then never outranks an expert of a selected group
+                buf.uniform_(0.0, 0.1)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         tensors = load_file(str(Path(tmp) / "model.safetensors"))
