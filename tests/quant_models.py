@@ -125,9 +125,13 @@ def _write(directory: Path, tensors: dict[str, torch.Tensor], config: dict) -> P
     return directory
 
 
-def build_fp8_checkpoint(arch: str, directory: Path, *, seed: int = 0, block: tuple[int, int] = FP8_BLOCK) -> Path:
+def build_fp8_checkpoint(
+    arch: str, directory: Path, *, seed: int = 0, block: tuple[int, int] = FP8_BLOCK, num_hidden_layers: int | None = None
+) -> Path:
     """A random ``arch`` (qwen3_moe, deepseek_v3) checkpoint in the block-scaled FP8 release layout."""
     config = quant_config(arch)
+    if num_hidden_layers is not None:
+        config.num_hidden_layers = num_hidden_layers
     tensors, saved_config = _random_model_tensors(config, seed)
     if getattr(config, "num_nextn_predict_layers", 0):
         tensors |= _mtp_layer(tensors, config, seed)

@@ -180,3 +180,17 @@ def test_mtp_layer_is_kept_whole_and_consistent_with_the_config(tmp_path_factory
     assert sorted(k for k in pruned if k.startswith(mtp)) == mtp_keys
     assert all(torch.equal(_bits(pruned[k]), _bits(source_tensors[k])) for k in mtp_keys)
     assert config["n_routed_experts"] == 8 == 1 + max(int(k.split(".experts.")[1].split(".")[0]) for k in mtp_keys if ".experts." in k)
+
+
+def test_transformers_builds_the_kept_mtp_layer_from_the_scalar_count(tmp_path):
+    """61 decoder layers as in DeepSeek-V3: transformers finds the MTP layer by its hard-coded name ``model.layers.61``."""
+    from transformers.modeling_layers import MtpModel
+
+    directory = build_fp8_checkpoint("deepseek_v3", tmp_path / "source", num_hidden_layers=61)
+    out = _write_dropped(directory, tmp_path / "pruned", {i: [0, 1, 3, 4, 5, 7] for i in range(1, 61)})
+    model = _load(out, torch.float32, ragged=True)
+    assert model.model.layers[60].mlp.experts.gate_up_proj.shape[0] == 6
+    mtp = MtpModel.from_pretrained(model, device_map={"": "cpu"})
+    assert mtp.layers[0].mtp_block.mlp.experts.gate_up_proj.shape[0] == 8  # the kept MTP layer, whole
+    source_eh_proj = load_file(str(directory / "model.safetensors"))["model.layers.61.eh_proj.weight"]
+    assert torch.equal(mtp.layers[0].eh_proj.weight, source_eh_proj.float())
