@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import save_tiny_tokenizer, tiny_config
+from tiny_models import randomize_moe_weights, save_tiny_tokenizer, tiny_config
 
 FP8_BLOCK = (16, 16)
 FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8"}
@@ -80,15 +80,9 @@ def _random_model_tensors(config, seed: int) -> tuple[dict[str, torch.Tensor], d
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-    with torch.no_grad():
-        for name, tensor in model.named_parameters():
-            if "experts" in name or "gate" in name or "router" in name:
-                tensor.normal_(0.0, 0.3)
-        for name, buf in model.named_buffers():
-            if "e_score_correction_bias" in name:
-                # non-negative, so every choice score is positive: transformers fills unselected groups
-                # with 0.0, which then never outranks an expert of a selected group
-                buf.uniform_(0.0, 0.1)
+    # non-negative correction biases, so every choice score is positive: transformers fills the
+    # experts of unselected groups with 0.0, which then never outranks one of a selected group
+    randomize_moe_weights(model, bias_range=(0.0, 0.1))
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         tensors = load_file(str(Path(tmp) / "model.safetensors"))
