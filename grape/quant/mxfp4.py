@@ -20,7 +20,12 @@ exponent byte 255 is NaN in E8M0; transformers turns it into inf/0, grape refuse
 block of 32, shared exponent ``floor(log2(amax)) - 2`` (2 = the largest E2M1 exponent), each
 value divided by that power of two and rounded to the nearest E2M1 value, ties to even,
 saturating at 6. Values exactly representable in a block come back unchanged; zeros are the exact
-code 0, so :func:`mask_mxfp4` prunes weights with no quantization error.
+code 0, so :func:`mask_mxfp4` prunes weights with no quantization error. The rule clips: a block
+whose largest magnitude lies just below ``4 * 2**k`` gets exponent ``k - 1`` and its largest value
+saturates to ``3 * 2**k``. On fresh N(0, 1) blocks that still gives the lowest error (11.4 %
+relative, against 11.9 % for the clip-free ``2**ceil(log2(amax / 6))``), but a tiny change to an
+already-quantized block can cross that edge (about 4 % of blocks, whatever the size of the change),
+one more reason the pipeline refuses distillation on MXFP4 sources.
 """
 
 from __future__ import annotations
