@@ -65,16 +65,21 @@ def build_tiny_model(arch: str, directory: Path, *, seed: int = 0, dtype: torch.
     config = tiny_config(arch)
     config.dtype = dtype
     model = AutoModelForCausalLM.from_config(config).to(dtype)
+    randomize_moe_weights(model)
+    model.save_pretrained(directory)
+    save_tiny_tokenizer(directory)
+    return directory
+
+
+def randomize_moe_weights(model, bias_range: tuple[float, float] = (-0.1, 0.1)) -> None:
+    """Spread routers and experts (N(0, 0.3)) so routing is decisive; correction biases uniform in ``bias_range``."""
     with torch.no_grad():
         for name, tensor in model.named_parameters():
             if "experts" in name or "gate" in name or "router" in name:
                 tensor.normal_(0.0, 0.3)
         for name, buf in model.named_buffers():
             if "e_score_correction_bias" in name:
-                buf.uniform_(-0.1, 0.1)
-    model.save_pretrained(directory)
-    save_tiny_tokenizer(directory)
-    return directory
+                buf.uniform_(*bias_range)
 
 
 SAMPLE_TEXT = (
