@@ -16,18 +16,17 @@ from __future__ import annotations
 import torch
 
 from grape_kernels.kernel_checks import check_align_args, check_route_args
+from grape_kernels.routing import MODE_CODES
 
 try:
     from grape_kernels import _C
 except ImportError:
     _C = None
 
-__all__ = ["available", "route_topk", "align_block_size", "ROUTING_MODES", "MAX_TOP_K", "MAX_GROUPS"]
+__all__ = ["available", "route_topk", "align_block_size", "MAX_TOP_K", "MAX_GROUPS"]
 
-ROUTING_MODES = ("softmax_topk", "topk_softmax", "sigmoid_group")
 MAX_TOP_K = 32  # grape::kMaxTopK in csrc/moe_kernels.h
 MAX_GROUPS = 32  # grape::kMaxGroups
-_MODE_CODES = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_group": 2}
 
 
 def available() -> bool:
@@ -81,7 +80,7 @@ def route_topk(
             ids,
             weights,
             top_k,
-            _MODE_CODES[mode],
+            MODE_CODES[mode],
             bool(renormalize),
             float(scaling),
             n_group,

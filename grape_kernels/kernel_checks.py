@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from grape_kernels.routing import ROUTING_MODES
+
 __all__ = [
-    "ROUTING_MODES",
     "FLOAT_DTYPES",
     "ExpertsProblem",
     "check_route_args",
@@ -26,7 +27,6 @@ __all__ = [
     "check_experts_args",
 ]
 
-ROUTING_MODES = ("softmax_topk", "topk_softmax", "sigmoid_group")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ID_DTYPES = (torch.int32, torch.int64)
 ACTIVATIONS = ("silu", "gpt_oss")

@@ -6,11 +6,10 @@ All share the ``fused_experts`` signature documented in :mod:`grape_kernels.ops.
 from grape_kernels.ops.common import ACTIVATIONS, ExpertsFn, check_experts_inputs, gated_activation
 from grape_kernels.ops.cpu import cpu_experts
 from grape_kernels.ops.dense import dense_experts
-from grape_kernels.ops.reference import ROUTING_MODES, reference_experts, reference_route_topk
+from grape_kernels.ops.reference import reference_experts, reference_route_topk
 
 __all__ = [
     "ACTIVATIONS",
-    "ROUTING_MODES",
     "ExpertsFn",
     "check_experts_inputs",
     "cpu_experts",

@@ -11,12 +11,9 @@ from __future__ import annotations
 import torch
 
 from grape_kernels.ops.common import check_experts_inputs, gated_activation
-from grape_kernels.routing import RoutingSpec, route
+from grape_kernels.routing import ROUTING_MODES, RoutingSpec, route
 
-__all__ = ["ROUTING_MODES", "reference_experts", "reference_route_topk"]
-
-#: Routing rules shared with ``grape_kernels.triton.route_topk``.
-ROUTING_MODES: tuple[str, ...] = ("softmax_topk", "topk_softmax", "sigmoid_group")
+__all__ = ["reference_experts", "reference_route_topk"]
 
 
 def reference_experts(

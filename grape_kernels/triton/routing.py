@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from grape_kernels.kernel_checks import check_route_args
+from grape_kernels.routing import MODE_CODES
 
 __all__ = ["route_topk"]
 
@@ -37,7 +38,10 @@ _BLOCK_E = 32  # experts per tile; a fixed width keeps E out of the compiled spe
 _MAX_GROUPS = 32  # chosen groups are kept as bits of an int32
 _NO_EXPERT = 2**30  # larger than any expert id, used as "no candidate yet" in arg-min ties
 
-_MODE_CODES = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_group": 2}
+# The kernel's MODE argument takes the codes of grape_kernels.routing.MODE_CODES.
+_SOFTMAX_TOPK = tl.constexpr(MODE_CODES["softmax_topk"])
+_TOPK_SOFTMAX = tl.constexpr(MODE_CODES["topk_softmax"])
+_SIGMOID_GROUP = tl.constexpr(MODE_CODES["sigmoid_group"])
 
 
 @triton.jit
@@ -60,7 +64,7 @@ def _scores(
     """
     mask = row_mask[:, None] & col_mask[None, :]
     x = tl.load(logits_ptr + rows[:, None] + experts[None, :] * stride_le, mask=mask, other=0.0).to(tl.float32)
-    if MODE == 2:
+    if MODE == _SIGMOID_GROUP:
         score = tl.sigmoid(x)
         choice = score
         if HAS_BIAS:
@@ -114,7 +118,7 @@ def _route_kernel(
     rows = tokens.to(tl.int64) * stride_lt
     lanes = tl.arange(0, BLOCK_E)
 
-    if MODE == 0:
+    if MODE == _SOFTMAX_TOPK:
         # Softmax statistics over the full row (max, then sum of exponentials).
         row_max = tl.full((BLOCK_T,), float("-inf"), tl.float32)
         for e0 in range(0, num_experts, BLOCK_E):
@@ -202,9 +206,9 @@ def _route_kernel(
         prev_i = best_i
 
     valid = slots[None, :] < top_k
-    if MODE == 0:
+    if MODE == _SOFTMAX_TOPK:
         weights = tl.exp(sel_score - row_max[:, None]) / denom[:, None]
-    elif MODE == 1:
+    elif MODE == _TOPK_SOFTMAX:
         top = tl.max(tl.where(valid, sel_score, float("-inf")), axis=1)
         num = tl.where(valid, tl.exp(sel_score - top[:, None]), 0.0)
         weights = num / tl.sum(num, axis=1)[:, None]
@@ -271,7 +275,7 @@ def route_topk(
         correction_bias.stride(0) if has_bias else 0,
         ids.stride(0),
         weights.stride(0),
-        MODE=_MODE_CODES[mode],
+        MODE=MODE_CODES[mode],
         HAS_BIAS=has_bias,
         GROUPED=grouped,
         RENORMALIZE=bool(renormalize) and mode != "topk_softmax",
