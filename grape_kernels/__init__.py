@@ -7,7 +7,6 @@ Triton and the CUDA extension are imported lazily, only when a backend that need
 
 from grape_kernels.backends import (
     Backend,
-    ExpertWeights,
     available_backends,
     backend_names,
     experts_forward,
@@ -17,6 +16,7 @@ from grape_kernels.backends import (
     select_backend,
     select_routing_backend,
 )
+from grape_kernels.expert_weights import ExpertWeights
 from grape_kernels.integration import EXPERTS_IMPLEMENTATION, grape_experts_forward, register, swap_moe_blocks
 from grape_kernels.ops import cpu_experts, dense_experts, reference_experts, reference_route_topk
 

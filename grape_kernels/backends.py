@@ -27,11 +27,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from grape_kernels.expert_weights import ExpertWeights
 from grape_kernels.ops.common import ExpertsFn
 
 __all__ = [
@@ -188,83 +188,6 @@ def routing_function(name: str) -> RouteFn:
     return _ROUTING[name]()
 
 
-# ---- weights -----------------------------------------------------------------------------
-@functools.cache
-def _gate_kind(experts_class: type) -> str:
-    """How a transformers experts class gates: ``"gpt_oss"``, ``"default"`` or ``"custom"``.
-
-    ``use_experts_implementation`` installs ``_default_apply_gate`` (``act_fn(gate) * up``) on
-    classes without their own; it is recognised by name and module so this file need not
-    import transformers. Cached per class: it is asked on every layer call.
-    """
-    if any(c.__name__ == "GptOssExperts" for c in experts_class.__mro__):
-        return "gpt_oss"
-    gate = getattr(experts_class, "_apply_gate", None)
-    default = (getattr(gate, "__name__", None), getattr(gate, "__module__", None)) == (
-        "_default_apply_gate",
-        "transformers.integrations.moe",
-    )
-    return "default" if default else "custom"
-
-
-class ExpertWeights(NamedTuple):
-    """The tensors and layout flags of one experts layer, as ``fused_experts`` takes them.
-
-    A named tuple rather than a dataclass: the transformers integration builds one per layer
-    call, and tuple construction is the cheapest immutable record Python has.
-    """
-
-    w_gate_up: torch.Tensor
-    w_down: torch.Tensor
-    gate_up_bias: torch.Tensor | None = None
-    down_bias: torch.Tensor | None = None
-    activation: str = "silu"
-    swiglu_alpha: float = 1.702
-    swiglu_limit: float = 7.0
-    transposed: bool = False
-    interleaved: bool = False
-
-    @classmethod
-    def from_module(cls, experts: nn.Module) -> ExpertWeights:
-        """Read a transformers experts module (one decorated by ``use_experts_implementation``).
-
-        The flags the decorator sets say how the weights are stored; the gated activation is
-        identified from the module (GPT-OSS's clamped SwiGLU, or the default ``act_fn(gate) *
-        up`` with SiLU). Anything else raises rather than being computed with the wrong math.
-        """
-        w_gate_up = getattr(experts, "gate_up_proj", None)
-        if w_gate_up is None or not getattr(experts, "has_gate", True):
-            raise ValueError(f"{type(experts).__name__} has no fused gate_up_proj; grape kernels need gated experts")
-        if getattr(experts, "has_post_expert_norm", False):
-            raise ValueError(f"{type(experts).__name__} applies a post-expert norm, which grape kernels do not implement")
-        if getattr(experts, "_is_expert_parallel", False):
-            raise ValueError(f"{type(experts).__name__} is expert-parallel; grape kernels need all experts local")
-        gate = _gate_kind(type(experts))
-        if gate == "gpt_oss":
-            activation, alpha, limit = "gpt_oss", float(experts.alpha), float(experts.limit)
-        elif gate == "custom":
-            raise ValueError(f"{type(experts).__name__} defines its own _apply_gate, which grape kernels do not implement")
-        elif type(experts.act_fn).__name__ in ("SiLU", "SiLUActivation"):
-            activation, alpha, limit = "silu", 1.702, 7.0
-        else:
-            raise ValueError(
-                f"{type(experts).__name__} uses activation {type(experts.act_fn).__name__}; grape kernels "
-                "implement SiLU-gated experts and GPT-OSS's clamped SwiGLU"
-            )
-        has_bias = getattr(experts, "has_bias", False)
-        return cls(
-            w_gate_up,
-            experts.down_proj,
-            experts.gate_up_proj_bias if has_bias else None,
-            experts.down_proj_bias if has_bias else None,
-            activation,
-            alpha,
-            limit,
-            getattr(experts, "is_transposed", False),
-            not getattr(experts, "is_concatenated", True),
-        )
-
-
 def experts_forward(
     module_or_weights: nn.Module | ExpertWeights | tuple[torch.Tensor, torch.Tensor],
     hidden: torch.Tensor,
@@ -291,10 +214,4 @@ def experts_forward(
         layout = {}
     if layout:
         raise TypeError(f"layout keywords {sorted(layout)} only apply to a (w_gate_up, w_down) pair")
-    fn = resolve_backend(backend, hidden.device).load()
-    return fn(
-        hidden, weights.w_gate_up, weights.w_down, topk_ids, topk_weights,
-        gate_up_bias=weights.gate_up_bias, down_bias=weights.down_bias, activation=weights.activation,
-        swiglu_alpha=weights.swiglu_alpha, swiglu_limit=weights.swiglu_limit, transposed=weights.transposed,
-        interleaved=weights.interleaved,
-    )
+    return resolve_backend(backend, hidden.device).load()(hidden, weights, topk_ids, topk_weights)

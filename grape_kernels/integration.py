@@ -33,7 +33,6 @@ from torch.nn import functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from grape_kernels.backends import (
-    ExpertWeights,
     RouteFn,
     experts_forward,
     get_backend,
@@ -41,6 +40,7 @@ from grape_kernels.backends import (
     routing_function,
     select_routing_backend,
 )
+from grape_kernels.expert_weights import ExpertWeights
 
 __all__ = ["EXPERTS_IMPLEMENTATION", "grape_experts_forward", "register", "swap_moe_blocks"]
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from grape_kernels.expert_weights import ACTIVATIONS, ExpertWeights
 from grape_kernels.routing import ROUTING_MODES
 
 __all__ = [
@@ -29,7 +30,6 @@ __all__ = [
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ID_DTYPES = (torch.int32, torch.int64)
-ACTIVATIONS = ("silu", "gpt_oss")
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -142,22 +142,16 @@ def _check_float(name: str, tensor: object) -> torch.Tensor:
 
 
 def check_experts_args(
-    hidden: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    gate_up_bias: torch.Tensor | None,
-    down_bias: torch.Tensor | None,
-    activation: str,
-    transposed: bool,
+    hidden: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor, topk_weights: torch.Tensor
 ) -> ExpertsProblem:
     """Validate a ``fused_experts`` call and return its sizes.
 
-    Layouts are those transformers stores: ``transposed=False`` means ``w_gate_up`` (E, 2I, H)
-    and ``w_down`` (E, H, I) (Mixtral, Qwen, OLMoE, DeepSeek); ``transposed=True`` means
-    ``w_gate_up`` (E, H, 2I) and ``w_down`` (E, I, H) (GPT-OSS).
+    Layouts are those transformers stores (see :class:`~grape_kernels.expert_weights.ExpertWeights`):
+    ``transposed=False`` means ``w_gate_up`` (E, 2I, H) and ``w_down`` (E, H, I) (Mixtral,
+    Qwen, OLMoE, DeepSeek); ``transposed=True`` means ``w_gate_up`` (E, H, 2I) and ``w_down``
+    (E, I, H) (GPT-OSS).
     """
+    w_gate_up, w_down = weights.w_gate_up, weights.w_down
     _check_float("hidden", hidden)
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D (tokens, hidden), got {tuple(hidden.shape)}")
@@ -168,12 +162,12 @@ def check_experts_args(
         if weight.dtype != hidden.dtype:
             raise ValueError(f"{name} is {weight.dtype} but hidden is {hidden.dtype}")
         _check_same_device(name, weight, hidden, "hidden")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if weights.activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {weights.activation!r}; expected one of {ACTIVATIONS}")
 
     tokens, width = hidden.shape
     experts = w_gate_up.shape[0]
-    if transposed:
+    if weights.transposed:
         gate_up_in, gate_up_out = w_gate_up.shape[1], w_gate_up.shape[2]
         down_in, down_out = w_down.shape[1], w_down.shape[2]
         layout = "transposed: w_gate_up (E, H, 2I), w_down (E, I, H)"
@@ -212,8 +206,8 @@ def check_experts_args(
     _check_same_device("topk_weights", topk_weights, hidden, "hidden")
 
     for name, bias, shape in (
-        ("gate_up_bias", gate_up_bias, (experts, 2 * intermediate)),
-        ("down_bias", down_bias, (experts, width)),
+        ("gate_up_bias", weights.gate_up_bias, (experts, 2 * intermediate)),
+        ("down_bias", weights.down_bias, (experts, width)),
     ):
         if bias is None:
             continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from grape_kernels.expert_weights import ExpertWeights
 from grape_kernels.ops.common import check_experts_inputs, gated_activation
 from grape_kernels.routing import ROUTING_MODES, RoutingSpec, route
 
@@ -17,25 +18,10 @@ __all__ = ["reference_experts", "reference_route_topk"]
 
 
 def reference_experts(
-    hidden: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    *,
-    gate_up_bias: torch.Tensor | None = None,
-    down_bias: torch.Tensor | None = None,
-    activation: str = "silu",
-    swiglu_alpha: float = 1.702,
-    swiglu_limit: float = 7.0,
-    transposed: bool = False,
-    interleaved: bool = False,
+    hidden: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor, topk_weights: torch.Tensor
 ) -> torch.Tensor:
     """Routed-experts output (T, H), one expert at a time, computed and accumulated in float32."""
-    problem = check_experts_inputs(
-        hidden, w_gate_up, w_down, topk_ids, topk_weights,
-        gate_up_bias=gate_up_bias, down_bias=down_bias, activation=activation, transposed=transposed,
-    )
+    problem = check_experts_inputs(hidden, weights, topk_ids, topk_weights)
     compute = torch.float32
     out = torch.zeros(problem.tokens, problem.hidden, dtype=compute, device=hidden.device)
     for expert in range(problem.experts):
@@ -43,17 +29,15 @@ def reference_experts(
         if token_idx.numel() == 0:
             continue
         x = hidden[token_idx].to(compute)
-        w1 = w_gate_up[expert].to(compute)
-        gate_up = x @ w1 if transposed else x @ w1.T
-        if gate_up_bias is not None:
-            gate_up = gate_up + gate_up_bias[expert].to(compute)
-        h = gated_activation(
-            gate_up, activation, interleaved=interleaved, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit
-        )
-        w2 = w_down[expert].to(compute)
-        y = h @ w2 if transposed else h @ w2.T
-        if down_bias is not None:
-            y = y + down_bias[expert].to(compute)
+        w1 = weights.w_gate_up[expert].to(compute)
+        gate_up = x @ w1 if weights.transposed else x @ w1.T
+        if weights.gate_up_bias is not None:
+            gate_up = gate_up + weights.gate_up_bias[expert].to(compute)
+        h = gated_activation(gate_up, weights)
+        w2 = weights.w_down[expert].to(compute)
+        y = h @ w2 if weights.transposed else h @ w2.T
+        if weights.down_bias is not None:
+            y = y + weights.down_bias[expert].to(compute)
         out.index_add_(0, token_idx, y * topk_weights[token_idx, slot].to(compute).unsqueeze(1))
     return out.to(hidden.dtype)
 

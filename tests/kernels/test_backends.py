@@ -111,9 +111,11 @@ def check(out: Tensor, ref: Tensor, dtype: torch.dtype) -> None:
     assert err <= TOL[dtype] * max(scale, 1.0), f"max error {err:.3g} vs scale {scale:.3g}"
 
 
-def run(backend: str, *args, **kwargs) -> Tensor:
+def run(backend: str, hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, ids: Tensor, weights: Tensor,
+        **layout) -> Tensor:
+    """``backend`` on one layer; ``layout`` holds the other :class:`ExpertWeights` fields."""
     with torch.no_grad():
-        return get_backend(backend).load()(*args, **kwargs)
+        return get_backend(backend).load()(hidden, ExpertWeights(w_gate_up, w_down, **layout), ids, weights)
 
 
 GRID = [(e, k) for e in (1, 2, 3, 5, 8, 13, 64) for k in (1, 2, 4, 8) if k <= e]
@@ -304,7 +306,7 @@ def test_dispatch_errors():
 def test_cpu_backend_refuses_autograd():
     hidden, w1, w2, ids, weights, _ = make_case(5, 2, 7, torch.float32)
     with pytest.raises(RuntimeError, match="inference-only"):
-        get_backend("cpu").load()(hidden.requires_grad_(), w1, w2, ids, weights)
+        get_backend("cpu").load()(hidden.requires_grad_(), ExpertWeights(w1, w2), ids, weights)
 
 
 # ---- reference routing --------------------------------------------------------------------------

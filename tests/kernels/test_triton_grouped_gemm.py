@@ -26,6 +26,7 @@ pytest.importorskip("triton")
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
+from grape_kernels.expert_weights import ExpertWeights  # noqa: E402
 from grape_kernels.triton import (  # noqa: E402
     KernelConfig,
     fused_experts,
@@ -119,8 +120,15 @@ def _tolerance(dtype: torch.dtype) -> dict:
     return dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
 
 
+def _call(args: dict, options: dict, config: KernelConfig | None = None) -> torch.Tensor:
+    """fused_experts on one case from ``_problem``: its tensors plus the layout ``options``."""
+    weights = ExpertWeights(args["w_gate_up"], args["w_down"], args.get("gate_up_bias"), args.get("down_bias"),
+                            **options)
+    return fused_experts(args["hidden"], weights, args["topk_ids"], args["topk_weights"], config=config)
+
+
 def _check(args: dict, options: dict, config: KernelConfig | None = None) -> None:
-    out = fused_experts(**args, **options, config=config)
+    out = _call(args, options, config)
     dtype = args["hidden"].dtype
     assert out.shape == args["hidden"].shape and out.dtype == dtype and out.device == args["hidden"].device
     expected = reference_experts(
@@ -237,13 +245,13 @@ def test_fused_experts_rejects_bad_input(make, match):
     args, options = make()
     args = {k: v.cpu() if v.device.type != "meta" else v for k, v in args.items()}
     with pytest.raises(ValueError, match=match):
-        fused_experts(**args, **options)
+        _call(args, options)
 
 
 def test_fused_experts_rejects_bad_activation():
     args, options = _problem(4, 2, 3, F32)
     with pytest.raises(ValueError, match="unknown activation"):
-        fused_experts(**args, **{**options, "activation": "gelu"})
+        _call(args, {**options, "activation": "gelu"})
 
 
 def _table_json(**shapes) -> dict:
