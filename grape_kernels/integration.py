@@ -21,17 +21,16 @@ failing, and says so once.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import types
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
+from grape_kernels.architectures import MoEAdapter, UnsupportedModelError, get_adapter
 from grape_kernels.backends import (
     RouteFn,
     experts_forward,
@@ -41,6 +40,7 @@ from grape_kernels.backends import (
     select_routing_backend,
 )
 from grape_kernels.expert_weights import ExpertWeights
+from grape_kernels.routing import RoutingSpec, kernel_mode
 
 __all__ = ["EXPERTS_IMPLEMENTATION", "grape_experts_forward", "register", "swap_moe_blocks"]
 
@@ -89,75 +89,36 @@ def register() -> None:
 
 
 # ---- swapping modules of a loaded model --------------------------------------------------
-@dataclass(frozen=True)
-class _RouterRule:
-    """How one transformers router class maps onto ``route_topk``.
+def _router_spec(adapter: MoEAdapter, config, router: nn.Module) -> RoutingSpec | None:
+    """The routing rule a kernel must reproduce for ``router``, or None to keep its own forward.
 
-    Attributes:
-        mode: ``route_topk`` mode.
-        float32_logits: the router computes its logits in float32 (DeepSeek) rather than in
-            the model dtype.
-        weights_in_logits_dtype: the router casts its weights back to the logits dtype
-            (Qwen, OLMoE, GPT-OSS) instead of returning float32 (Mixtral, DeepSeek).
-        kwargs: the remaining ``route_topk`` arguments, read from the router module per call
-            (so they follow the module across devices and edits).
+    The rule is the architecture record's (``adapter.routing_spec``); a router of another
+    class than the record names (a changed upstream class) or a rule no routing kernel
+    implements (DeepSeek-V2's ``group_limited_greedy``: groups scored by their best *softmax*
+    score, see ``grape_kernels.routing.kernel_mode``) keeps the router's own forward.
     """
-
-    mode: str
-    float32_logits: bool
-    weights_in_logits_dtype: bool
-    kwargs: Callable[[nn.Module], dict]
-
-
-def _softmax_kwargs(router: nn.Module) -> dict:
-    return {"renormalize": bool(router.norm_topk_prob)}
-
-
-_ROUTER_RULES: dict[str, _RouterRule] = {
-    "MixtralTopKRouter": _RouterRule("softmax_topk", False, False, lambda r: {"renormalize": True}),
-    "Qwen2MoeTopKRouter": _RouterRule("softmax_topk", False, True, _softmax_kwargs),
-    "Qwen3MoeTopKRouter": _RouterRule("softmax_topk", False, True, _softmax_kwargs),
-    "OlmoeTopKRouter": _RouterRule("softmax_topk", False, True, _softmax_kwargs),
-    "DeepseekV3TopkRouter": _RouterRule(
-        "sigmoid_group", True, False,
-        lambda r: {
-            "renormalize": bool(r.norm_topk_prob),
-            "scaling": float(r.routed_scaling_factor),
-            "correction_bias": r.e_score_correction_bias,
-            "n_group": int(r.num_group),
-            "topk_group": int(r.topk_group),
-        },
-    ),
-    # Only greedy DeepSeek-V2 routing maps onto route_topk (see _router_rule).
-    "DeepseekV2TopkRouter": _RouterRule(
-        "softmax_topk", True, False, lambda r: {"scaling": float(r.routed_scaling_factor)}
-    ),
-    "GptOssTopKRouter": _RouterRule("topk_softmax", False, True, lambda r: {}),
-}
-
-
-def _router_rule(router: nn.Module) -> _RouterRule | None:
-    """The rule for ``router``, or None when no routing kernel reproduces it.
-
-    DeepSeek-V2's ``group_limited_greedy`` scores groups by their best *softmax* score, a rule
-    ``route_topk`` does not offer (its group-limited mode is DeepSeek-V3's sigmoid rule), so
-    such routers keep their own forward.
-    """
-    rule = _ROUTER_RULES.get(type(router).__name__)
-    if rule is not None and type(router).__name__ == "DeepseekV2TopkRouter" and router.topk_method != "greedy":
+    if type(router).__name__ != adapter.router_class:
         return None
-    return rule
+    spec = adapter.routing_spec(config)
+    try:
+        kernel_mode(spec)
+    except ValueError:
+        return None
+    return spec
 
 
-def _routed_forward(self: nn.Module, hidden_states: torch.Tensor, *, rule: _RouterRule, route: RouteFn):
-    """Router forward through a ``route_topk`` kernel; same outputs as the transformers router."""
+def _routed_forward(self: nn.Module, hidden_states: torch.Tensor, *, adapter: MoEAdapter, spec: RoutingSpec,
+                    route: RouteFn):
+    """Router forward through a routing kernel; same outputs as the transformers router.
+
+    The correction bias is read from the router on every call, so it follows the module
+    across devices and edits.
+    """
     hidden = hidden_states.reshape(-1, self.weight.shape[1])
-    if rule.float32_logits:
-        logits = F.linear(hidden.float(), self.weight.float())
-    else:
-        logits = F.linear(hidden, self.weight, getattr(self, "bias", None))
-    ids, weights = route(logits, self.top_k, mode=rule.mode, **rule.kwargs(self))
-    if rule.weights_in_logits_dtype:
+    logits = adapter.logits_of_router(self, hidden)
+    bias = getattr(self, "e_score_correction_bias", None)
+    ids, weights = route(logits, spec if bias is None else dataclasses.replace(spec, correction_bias=bias))
+    if adapter.router_weights_in_logits_dtype:
         weights = weights.to(logits.dtype)
     return logits, weights, ids.long()
 
@@ -181,7 +142,8 @@ def swap_moe_blocks(model: nn.Module, backend: str = "auto", *, route_fn: RouteF
     each call's tensors; or ``"cpu"``, ``"dense"``, ``"reference"``, ``"triton"``), regardless
     of the model's ``experts_implementation``. Routers are replaced by a fused routing kernel
     where the backend has one (``select_routing_backend``; ``route_fn`` overrides the choice
-    with any ``route_topk``-compatible function) and the router's rule maps onto it; other
+    with any ``route_fn(logits, spec) -> (ids, weights)`` function) and the architecture's
+    routing rule (its record in ``grape_kernels.architectures``) maps onto a kernel; other
     routers keep their own forward.
 
     Raises:
@@ -202,18 +164,23 @@ def swap_moe_blocks(model: nn.Module, backend: str = "auto", *, route_fn: RouteF
         ExpertWeights.from_module(experts)
         if backend != "auto":
             resolve_backend(backend, experts.gate_up_proj.device)
+    try:
+        adapter = get_adapter(model.config)
+    except UnsupportedModelError:
+        adapter = None  # an architecture without a record: experts are swapped, routers kept
     for block_name, experts in blocks.items():
         experts.grape_backend = backend
         experts.forward = types.MethodType(_swapped_experts_forward, experts)
-        for router in model.get_submodule(block_name).children():
-            rule = _router_rule(router)
-            if rule is None:
+        router = None if adapter is None else getattr(model.get_submodule(block_name), adapter.router_attr, None)
+        spec = None if router is None else _router_spec(adapter, model.config, router)
+        if spec is None:
+            continue
+        route = route_fn
+        if route is None:
+            routing_backend = select_routing_backend(router.weight.device, backend)
+            if routing_backend is None:
                 continue
-            route = route_fn
-            if route is None:
-                routing_backend = select_routing_backend(router.weight.device, backend)
-                if routing_backend is None:
-                    continue
-                route = routing_function(routing_backend)
-            router.forward = types.MethodType(functools.partial(_routed_forward, rule=rule, route=route), router)
+            route = routing_function(routing_backend)
+        forward = functools.partial(_routed_forward, adapter=adapter, spec=spec, route=route)
+        router.forward = types.MethodType(forward, router)
     return model

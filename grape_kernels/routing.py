@@ -19,10 +19,19 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ROUTING_MODES", "MODE_CODES", "RoutingSpec", "routing_scores", "route", "dense_routing_weights"]
+__all__ = [
+    "ROUTING_MODES",
+    "MODE_CODES",
+    "RoutingSpec",
+    "routing_scores",
+    "route",
+    "dense_routing_weights",
+    "kernel_mode",
+    "kernel_spec",
+]
 
 ROUTING_MODES: tuple[str, ...] = ("softmax_topk", "topk_softmax", "sigmoid_group")
-"""The routing rules the routing kernels implement (``route_topk(..., mode=...)``):
+"""The routing rules the routing kernels implement (:func:`kernel_mode` of a :class:`RoutingSpec`):
 
 - ``softmax_topk``: softmax over all logits, top-k of the probabilities (optionally renormalised);
 - ``topk_softmax``: top-k of the logits, softmax over those k (GPT-OSS);
@@ -136,3 +145,59 @@ def dense_routing_weights(
     ids, weights = route(logits, spec, keep)
     dense = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
     return dense.scatter_(1, ids, weights)
+
+
+def kernel_mode(spec: RoutingSpec) -> str:
+    """The routing kernels' mode (one of :data:`ROUTING_MODES`) that computes ``spec``.
+
+    Raises:
+        ValueError: ``spec`` combines rules no routing kernel implements (naming the rule), so
+            every routing backend refuses it the same way instead of routing differently.
+    """
+    if spec.score_fn not in ("softmax", "sigmoid"):
+        raise ValueError(f"unknown routing score_fn {spec.score_fn!r}; expected 'softmax' or 'sigmoid'")
+    if spec.topk_before_softmax:
+        if spec.score_fn != "softmax":
+            raise ValueError("top-k before softmax (GPT-OSS) needs score_fn='softmax'")
+        mode = "topk_softmax"
+    else:
+        mode = "sigmoid_group" if spec.score_fn == "sigmoid" else "softmax_topk"
+    if spec.correction_bias is not None and mode != "sigmoid_group":
+        raise ValueError(f"a correction bias is only used by sigmoid routing (DeepSeek-V3), not {mode!r}")
+    if spec.n_group != 1:
+        if mode != "sigmoid_group":
+            raise ValueError(f"group-limited routing (n_group={spec.n_group}) has a routing kernel only for sigmoid scores")
+        if spec.group_score != "top2_sum":
+            raise ValueError(f"sigmoid group-limited routing scores groups by 'top2_sum', not {spec.group_score!r}")
+    return mode
+
+
+def kernel_spec(
+    mode: str,
+    top_k: int,
+    *,
+    renormalize: bool = False,
+    scaling: float = 1.0,
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+) -> RoutingSpec:
+    """The :class:`RoutingSpec` of kernel ``mode`` (inverse of :func:`kernel_mode`).
+
+    For callers who think in kernel modes (benchmarks, serving code that reads a mode from a
+    config). ``renormalize`` is moot for ``topk_softmax`` (a softmax over k already sums to one).
+    """
+    if mode not in ROUTING_MODES:
+        raise ValueError(f"unknown routing mode {mode!r}; expected one of {ROUTING_MODES}")
+    sigmoid = mode == "sigmoid_group"
+    return RoutingSpec(
+        top_k=top_k,
+        score_fn="sigmoid" if sigmoid else "softmax",
+        topk_before_softmax=mode == "topk_softmax",
+        renormalize=renormalize and mode != "topk_softmax",
+        scaling=scaling,
+        n_group=n_group,
+        topk_group=topk_group,
+        group_score="top2_sum" if sigmoid else "max",
+        correction_bias=correction_bias,
+    )

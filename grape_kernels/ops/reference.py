@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from grape_kernels.expert_weights import ExpertWeights
+from grape_kernels.kernel_checks import check_route_args
 from grape_kernels.ops.common import check_experts_inputs, gated_activation
-from grape_kernels.routing import ROUTING_MODES, RoutingSpec, route
+from grape_kernels.routing import RoutingSpec, route
 
 __all__ = ["reference_experts", "reference_route_topk"]
 
@@ -42,60 +43,14 @@ def reference_experts(
     return out.to(hidden.dtype)
 
 
-def reference_route_topk(
-    logits: torch.Tensor,
-    top_k: int,
-    *,
-    mode: str = "softmax_topk",
-    renormalize: bool = False,
-    scaling: float = 1.0,
-    correction_bias: torch.Tensor | None = None,
-    n_group: int = 1,
-    topk_group: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_route_topk(logits: torch.Tensor, spec: RoutingSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert ids (T, k) int32 and weights (T, k) float32 from router logits (T, E).
 
-    Same signature and semantics as ``grape_kernels.triton.route_topk``:
-
-    - ``softmax_topk`` (Mixtral, Qwen, OLMoE, DeepSeek-V2 greedy): softmax over all experts,
-      keep the k largest, optionally renormalise them to sum to one.
-    - ``topk_softmax`` (GPT-OSS): keep the k largest logits, softmax over those k.
-    - ``sigmoid_group`` (DeepSeek-V3): sigmoid scores; the *choice* adds ``correction_bias``
-      and is restricted to the ``topk_group`` best of ``n_group`` contiguous groups (group
-      score = sum of its two best biased scores); weights are the unbiased scores,
-      renormalised with a 1e-20 guard when asked.
-
-    ``scaling`` multiplies the final weights in every mode.
+    The routing backend contract of ``grape_kernels.triton.route_topk`` and
+    ``grape_kernels.cuda_ops.route_topk``, computed by :func:`grape_kernels.routing.route` (the
+    architectures' routing rules in plain PyTorch) after the same argument checks, so the
+    oracle refuses exactly what the kernels refuse.
     """
-    if mode not in ROUTING_MODES:
-        raise ValueError(f"mode must be one of {ROUTING_MODES}, got {mode!r}")
-    if logits.dim() != 2:
-        raise ValueError(f"router logits must be (tokens, experts), got {tuple(logits.shape)}")
-    experts = logits.shape[1]
-    if not 1 <= top_k <= experts:
-        raise ValueError(f"top_k={top_k} must be between 1 and the number of experts E={experts}")
-    if mode != "sigmoid_group" and (n_group != 1 or correction_bias is not None):
-        raise ValueError(f"n_group / correction_bias apply to mode='sigmoid_group' only, not {mode!r}")
-    if mode == "sigmoid_group":
-        if experts % n_group != 0:
-            raise ValueError(f"E={experts} experts do not split into n_group={n_group} equal groups")
-        per_group = experts // n_group
-        if not 1 <= topk_group <= n_group or topk_group * per_group < top_k:
-            raise ValueError(
-                f"topk_group={topk_group} of n_group={n_group} groups ({per_group} experts each) "
-                f"cannot supply top_k={top_k} experts"
-            )
-    # The architectures' routing semantics live in one place, grape_kernels.routing (plain PyTorch).
-    spec = RoutingSpec(
-        top_k=top_k,
-        score_fn="sigmoid" if mode == "sigmoid_group" else "softmax",
-        topk_before_softmax=mode == "topk_softmax",
-        renormalize=renormalize and mode != "topk_softmax",
-        scaling=scaling,
-        n_group=n_group,
-        topk_group=topk_group,
-        group_score="top2_sum",
-        correction_bias=correction_bias,
-    )
+    check_route_args(logits, spec)
     ids, weights = route(logits, spec)
     return ids.to(torch.int32), weights

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from grape_kernels.kernel_checks import check_route_args
-from grape_kernels.routing import MODE_CODES
+from grape_kernels.routing import MODE_CODES, RoutingSpec
 
 __all__ = ["route_topk"]
 
@@ -223,62 +223,47 @@ def _route_kernel(
     tl.store(weights_ptr + out_rows * stride_wt + slots[None, :], weights, mask=out_mask)
 
 
-def route_topk(
-    logits: torch.Tensor,
-    top_k: int,
-    *,
-    mode: str = "softmax_topk",
-    renormalize: bool = False,
-    scaling: float = 1.0,
-    correction_bias: torch.Tensor | None = None,
-    n_group: int = 1,
-    topk_group: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def route_topk(logits: torch.Tensor, spec: RoutingSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Route every token: expert ids ``(T, k)`` int32 and weights ``(T, k)`` float32.
 
     Args:
         logits: ``(T, E)`` router logits (fp16/bf16/fp32, any strides).
-        top_k: experts per token, ``1 <= top_k <= E``.
-        mode: ``"softmax_topk"``, ``"topk_softmax"`` or ``"sigmoid_group"`` (see module doc).
-        renormalize: divide the chosen weights by their sum (``+1e-20``), as ``norm_topk_prob``.
-        scaling: multiplied into the final weights (``routed_scaling_factor``).
-        correction_bias: ``(E,)`` DeepSeek-V3 bias added to the selection key only.
-        n_group / topk_group: group-limited routing (``sigmoid_group`` only, ``n_group <= 32``).
+        spec: the routing rule (see module doc); its ``correction_bias`` must be on the logits'
+            device. Group-limited routing supports ``n_group <= 32``.
 
     Ids come out in descending order of the selection key, like ``torch.topk``. Ties resolve
     to the lowest expert id (``torch.topk`` leaves them unspecified).
     """
-    check_route_args(logits, top_k, mode, correction_bias, n_group, topk_group)
-    if n_group > _MAX_GROUPS:
-        raise ValueError(f"the Triton router supports n_group <= {_MAX_GROUPS}, got {n_group}")
+    mode = check_route_args(logits, spec)
+    if spec.n_group > _MAX_GROUPS:
+        raise ValueError(f"the Triton router supports n_group <= {_MAX_GROUPS}, got {spec.n_group}")
     tokens, num_experts = logits.shape
+    top_k, bias = spec.top_k, spec.correction_bias
     ids = torch.empty((tokens, top_k), dtype=torch.int32, device=logits.device)
     weights = torch.empty((tokens, top_k), dtype=torch.float32, device=logits.device)
     if tokens == 0:
         return ids, weights
-    has_bias = correction_bias is not None
-    grouped = n_group > 1
     _route_kernel[(triton.cdiv(tokens, _BLOCK_T),)](
         logits,
-        correction_bias if has_bias else logits,  # never read when HAS_BIAS is False
+        logits if bias is None else bias,  # never read when HAS_BIAS is False
         ids,
         weights,
         tokens,
         num_experts,
         top_k,
-        num_experts // n_group,
-        n_group,
-        topk_group,
-        float(scaling),
+        num_experts // spec.n_group,
+        spec.n_group,
+        spec.topk_group,
+        float(spec.scaling),
         logits.stride(0),
         logits.stride(1),
-        correction_bias.stride(0) if has_bias else 0,
+        0 if bias is None else bias.stride(0),
         ids.stride(0),
         weights.stride(0),
         MODE=MODE_CODES[mode],
-        HAS_BIAS=has_bias,
-        GROUPED=grouped,
-        RENORMALIZE=bool(renormalize) and mode != "topk_softmax",
+        HAS_BIAS=bias is not None,
+        GROUPED=spec.n_group > 1,
+        RENORMALIZE=bool(spec.renormalize) and mode != "topk_softmax",
         BLOCK_T=_BLOCK_T,
         BLOCK_E=_BLOCK_E,
         BLOCK_K=triton.next_power_of_2(top_k),

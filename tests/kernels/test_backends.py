@@ -20,6 +20,7 @@ import torch
 
 from grape_kernels import ExpertWeights, available_backends, experts_forward, get_backend, select_backend
 from grape_kernels.ops import reference_route_topk
+from grape_kernels.routing import RoutingSpec, kernel_spec
 
 H, I = 32, 24
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -354,7 +355,7 @@ def test_reference_route_topk(mode, kwargs, experts, top_k):
     logits = torch.randn(50, experts, generator=g)
     if mode == "sigmoid_group":
         kwargs = {**kwargs, "correction_bias": torch.randn(experts, generator=g) * 0.1}
-    ids, weights = reference_route_topk(logits, top_k, mode=mode, **kwargs)
+    ids, weights = reference_route_topk(logits, kernel_spec(mode, top_k, **kwargs))
     assert ids.dtype == torch.int32 and weights.dtype == torch.float32
     renames = {"correction_bias": "bias"}
     ref_ids, ref_w = _route_oracle(logits, top_k, mode, **{renames.get(k, k): v for k, v in kwargs.items()})
@@ -366,11 +367,11 @@ def test_reference_route_topk(mode, kwargs, experts, top_k):
 
 def test_reference_route_topk_rejects_bad_arguments():
     logits = torch.randn(3, 8)
-    with pytest.raises(ValueError, match="mode"):
-        reference_route_topk(logits, 2, mode="softmax")
+    with pytest.raises(ValueError, match="score_fn"):
+        reference_route_topk(logits, RoutingSpec(top_k=2, score_fn="relu"))
     with pytest.raises(ValueError, match="top_k=9"):
-        reference_route_topk(logits, 9)
-    with pytest.raises(ValueError, match="sigmoid_group"):
-        reference_route_topk(logits, 2, n_group=2)
-    with pytest.raises(ValueError, match="cannot supply"):
-        reference_route_topk(logits, 5, mode="sigmoid_group", n_group=4, topk_group=2)
+        reference_route_topk(logits, RoutingSpec(top_k=9))
+    with pytest.raises(ValueError, match="only for sigmoid"):
+        reference_route_topk(logits, RoutingSpec(top_k=2, n_group=2))
+    with pytest.raises(ValueError, match="best topk_group"):
+        reference_route_topk(logits, kernel_spec("sigmoid_group", 5, n_group=4, topk_group=2))

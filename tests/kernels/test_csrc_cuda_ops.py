@@ -7,11 +7,13 @@ extension is built on real hardware.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from grape_kernels import cuda_ops
-from grape_kernels.routing import RoutingSpec, route
+from grape_kernels.routing import RoutingSpec, kernel_spec, route
 
 needs_extension = pytest.mark.skipif(not cuda_ops.available(), reason="needs grape_kernels._C and a CUDA device")
 
@@ -24,7 +26,7 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(cuda_ops, "_C", None)
     assert not cuda_ops.available()
     with pytest.raises(RuntimeError, match="grape_kernels._C is not built"):
-        cuda_ops.route_topk(torch.randn(3, 8), 2)
+        cuda_ops.route_topk(torch.randn(3, 8), RoutingSpec(top_k=2))
     with pytest.raises(RuntimeError, match="grape_kernels._C is not built"):
         cuda_ops.align_block_size(torch.zeros(3, 2, dtype=torch.int32), 8, 16)
 
@@ -32,7 +34,7 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
 def test_cpu_tensors_are_rejected_before_launch(monkeypatch):
     monkeypatch.setattr(cuda_ops, "_C", object())  # a "built" extension that must never be called
     with pytest.raises(ValueError, match="must be a CUDA tensor"):
-        cuda_ops.route_topk(torch.randn(3, 8), 2)
+        cuda_ops.route_topk(torch.randn(3, 8), RoutingSpec(top_k=2))
     with pytest.raises(ValueError, match="must be a CUDA tensor"):
         cuda_ops.align_block_size(torch.zeros(3, 2, dtype=torch.int32), 8, 16)
 
@@ -41,14 +43,15 @@ def test_cpu_tensors_are_rejected_before_launch(monkeypatch):
     "args, options, match",
     [
         ((torch.randn(3, 40), 33), {}, "top_k <= 32"),
-        ((torch.randn(3, 66), 2), {"mode": "sigmoid_group", "n_group": 33}, "n_group <= 32"),
+        ((torch.randn(3, 66), 2), {"score_fn": "sigmoid", "group_score": "top2_sum", "n_group": 33}, "n_group <= 32"),
         ((torch.randn(3, 8), 9), {}, "exceeds the number of experts"),
-        ((torch.randn(3, 8), 2), {"mode": "bogus"}, "unknown routing mode"),
+        ((torch.randn(3, 8), 2), {"score_fn": "bogus"}, "unknown routing score_fn"),
     ],
 )
 def test_route_topk_validates_input(args, options, match):
+    logits, top_k = args
     with pytest.raises(ValueError, match=match):
-        cuda_ops.route_topk(*args, **options)
+        cuda_ops.route_topk(logits, RoutingSpec(top_k=top_k, **options))
 
 
 def test_align_validates_input():
@@ -72,19 +75,9 @@ def test_cuda_route_topk_matches_reference(mode, experts, top_k, options, dtype)
     gen = torch.Generator().manual_seed(experts * 31 + top_k)
     logits = torch.randn(257, experts, generator=gen).to(dtype)
     bias = torch.randn(experts, generator=gen) * 0.5 if mode == "sigmoid_group" else None
+    spec = kernel_spec(mode, top_k, correction_bias=bias, **options)
     ids, weights = cuda_ops.route_topk(
-        logits.cuda(), top_k, mode=mode, correction_bias=None if bias is None else bias.cuda(), **options
-    )
-    spec = RoutingSpec(
-        top_k=top_k,
-        score_fn="sigmoid" if mode == "sigmoid_group" else "softmax",
-        topk_before_softmax=mode == "topk_softmax",
-        renormalize=options.get("renormalize", False),
-        scaling=options.get("scaling", 1.0),
-        n_group=options.get("n_group", 1),
-        topk_group=options.get("topk_group", 1),
-        group_score="top2_sum",
-        correction_bias=bias,
+        logits.cuda(), dataclasses.replace(spec, correction_bias=None if bias is None else bias.cuda())
     )
     ref_ids, ref_weights = route(logits.float(), spec)
     same = (ids.cpu().long() == ref_ids).all(dim=1)

@@ -19,6 +19,7 @@ from torch import nn
 import grape_kernels
 from grape_kernels import available_backends, swap_moe_blocks
 from grape_kernels.ops import reference_route_topk
+from grape_kernels.routing import RoutingSpec, kernel_mode
 
 transformers = pytest.importorskip("transformers")
 AutoModelForCausalLM = transformers.AutoModelForCausalLM
@@ -163,9 +164,9 @@ def test_swap_moe_blocks_routes_through_given_kernel(checkpoints):
     """Every router rule reaches the routing kernel and reproduces the architecture's router."""
     calls = []
 
-    def route(logits: torch.Tensor, top_k: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        calls.append(kwargs["mode"])
-        return reference_route_topk(logits, top_k, **kwargs)
+    def route(logits: torch.Tensor, spec: RoutingSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(kernel_mode(spec))
+        return reference_route_topk(logits, spec)
 
     for arch in ARCHS:
         model = _load(checkpoints[arch], "eager")
@@ -179,6 +180,7 @@ def test_swap_moe_blocks_routes_through_given_kernel(checkpoints):
 
 def test_deepseek_v2_group_limited_router_is_kept(checkpoints):
     model = _load(checkpoints["deepseek_v2"], "eager")
+    model.config.topk_method, model.config.n_group, model.config.topk_group = "group_limited_greedy", 2, 1
     for block in _moe_blocks(model):
         block.gate.topk_method = "group_limited_greedy"
         block.gate.num_group, block.gate.topk_group = 2, 1

@@ -10,6 +10,7 @@ The grid over E / top_k / tokens / dtype is sampled, not crossed, to keep the in
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import zlib
 
@@ -23,7 +24,7 @@ pytest.importorskip("triton")
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from grape_kernels.routing import RoutingSpec, route  # noqa: E402
+from grape_kernels.routing import RoutingSpec, kernel_spec, route  # noqa: E402
 from grape_kernels.triton import align_block_size, route_topk  # noqa: E402
 from grape_kernels.triton import routing as triton_routing  # noqa: E402
 
@@ -75,31 +76,10 @@ def _weights64(logits: torch.Tensor, ids: torch.Tensor, mode: str, renormalize: 
     return weights * scaling
 
 
-def _spec(mode: str, top_k: int, renormalize: bool, scaling: float, bias, n_group: int, topk_group: int) -> RoutingSpec:
-    return RoutingSpec(
-        top_k=top_k,
-        score_fn="sigmoid" if mode == "sigmoid_group" else "softmax",
-        topk_before_softmax=mode == "topk_softmax",
-        renormalize=renormalize,
-        scaling=scaling,
-        n_group=n_group,
-        topk_group=topk_group,
-        group_score="top2_sum",
-        correction_bias=None if bias is None else bias.float().cpu(),
-    )
-
-
 def _check_routing(logits, top_k, mode, renormalize=False, scaling=1.0, bias=None, n_group=1, topk_group=1):
-    ids, weights = route_topk(
-        logits,
-        top_k,
-        mode=mode,
-        renormalize=renormalize,
-        scaling=scaling,
-        correction_bias=bias,
-        n_group=n_group,
-        topk_group=topk_group,
-    )
+    spec = kernel_spec(mode, top_k, renormalize=renormalize, scaling=scaling, correction_bias=bias, n_group=n_group,
+                       topk_group=topk_group)
+    ids, weights = route_topk(logits, spec)
     tokens, experts = logits.shape
     assert ids.dtype == torch.int32 and weights.dtype == torch.float32
     assert ids.shape == weights.shape == (tokens, top_k)
@@ -117,8 +97,8 @@ def _check_routing(logits, top_k, mode, renormalize=False, scaling=1.0, bias=Non
         weights.double(), _weights64(logits, ids, mode, renormalize, scaling), rtol=1e-5, atol=1e-6
     )
 
-    spec = _spec(mode, top_k, renormalize, scaling, bias, n_group, topk_group)
-    ref_ids, ref_weights = route(logits.float().cpu(), spec)
+    cpu_bias = None if bias is None else bias.float().cpu()
+    ref_ids, ref_weights = route(logits.float().cpu(), dataclasses.replace(spec, correction_bias=cpu_bias))
     if logits.dtype == torch.float32:  # fp32 random logits have no ties: exact agreement
         assert torch.equal(ids.long(), ref_ids)
         torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
@@ -173,44 +153,50 @@ def test_route_topk_equals_routing_after_pruning(mode):
     logits = torch.randn(7, 13, generator=gen)
     keep = torch.ones(13, dtype=torch.bool)
     keep[[0, 4, 5, 12]] = False
-    ids, weights = route_topk(logits.masked_fill(~keep, float("-inf")).to(DEVICE), 4, mode=mode, renormalize=True)
-    ref_ids, ref_weights = route(logits, _spec(mode, 4, True, 1.0, None, 1, 1), keep=keep)
+    spec = kernel_spec(mode, 4, renormalize=True)
+    ids, weights = route_topk(logits.masked_fill(~keep, float("-inf")).to(DEVICE), spec)
+    ref_ids, ref_weights = route(logits, spec, keep=keep)
     assert torch.equal(ids.cpu().long(), ref_ids)
     torch.testing.assert_close(weights.cpu(), ref_weights, rtol=1e-5, atol=1e-6)
 
 
 def test_route_topk_ties_resolve_to_lowest_id():
-    ids, weights = route_topk(torch.zeros(3, 6, device=DEVICE), 4)
+    ids, weights = route_topk(torch.zeros(3, 6, device=DEVICE), kernel_spec("softmax_topk", 4))
     assert ids.cpu().tolist() == [[0, 1, 2, 3]] * 3
     torch.testing.assert_close(weights.cpu(), torch.full((3, 4), 1 / 6))
 
 
+def _softmax(top_k, **fields) -> RoutingSpec:
+    return RoutingSpec(top_k=top_k, **fields)
+
+
+def _grouped(top_k, **fields) -> RoutingSpec:
+    return RoutingSpec(top_k=top_k, score_fn="sigmoid", group_score="top2_sum", **fields)
+
+
 BAD_ROUTES = [
-    (lambda: (torch.randn(6), 2, {}), "2-D"),
-    (lambda: (torch.randint(0, 3, (4, 6)), 2, {}), "float16/bfloat16/float32"),
-    (lambda: (torch.randn(4, 6), 7, {}), "exceeds the number of experts"),
-    (lambda: (torch.randn(4, 6), 0, {}), "top_k must be >= 1"),
-    (lambda: (torch.randn(4, 6), 2.0, {}), "top_k must be an int"),
-    (lambda: (torch.randn(4, 6), 2, {"mode": "softmax"}), "unknown routing mode"),
-    (lambda: (torch.randn(4, 6), 2, {"correction_bias": torch.zeros(6)}), "only used by mode='sigmoid_group'"),
-    (lambda: (torch.randn(4, 6), 2, {"n_group": 2, "topk_group": 1}), "needs mode='sigmoid_group'"),
-    (lambda: (torch.randn(4, 6), 2, {"mode": "sigmoid_group", "correction_bias": torch.zeros(5)}), "shape \\(6,\\)"),
-    (lambda: (torch.randn(4, 6), 2, {"mode": "sigmoid_group", "n_group": 4}), "equal groups"),
-    (lambda: (torch.randn(4, 6), 2, {"mode": "sigmoid_group", "n_group": 3, "topk_group": 4}), "exceeds n_group"),
-    (lambda: (torch.randn(4, 6), 3, {"mode": "sigmoid_group", "n_group": 3, "topk_group": 1}), "best topk_group"),
-    (lambda: (torch.randn(4, 66), 2, {"mode": "sigmoid_group", "n_group": 33}), "n_group <= 32"),
-    (
-        lambda: (torch.randn(4, 6), 2, {"mode": "sigmoid_group", "correction_bias": torch.zeros(6, device="meta")}),
-        "is on meta",
-    ),
+    (lambda: (torch.randn(6), _softmax(2)), "2-D"),
+    (lambda: (torch.randint(0, 3, (4, 6)), _softmax(2)), "float16/bfloat16/float32"),
+    (lambda: (torch.randn(4, 6), _softmax(7)), "exceeds the number of experts"),
+    (lambda: (torch.randn(4, 6), _softmax(0)), "top_k must be >= 1"),
+    (lambda: (torch.randn(4, 6), _softmax(2.0)), "top_k must be an int"),
+    (lambda: (torch.randn(4, 6), _softmax(2, score_fn="softmax2")), "unknown routing score_fn"),
+    (lambda: (torch.randn(4, 6), _softmax(2, correction_bias=torch.zeros(6))), "only used by sigmoid routing"),
+    (lambda: (torch.randn(4, 6), _softmax(2, n_group=2)), "routing kernel only for sigmoid"),
+    (lambda: (torch.randn(4, 6), _grouped(2, correction_bias=torch.zeros(5))), "shape \\(6,\\)"),
+    (lambda: (torch.randn(4, 6), _grouped(2, n_group=4)), "equal groups"),
+    (lambda: (torch.randn(4, 6), _grouped(2, n_group=3, topk_group=4)), "exceeds n_group"),
+    (lambda: (torch.randn(4, 6), _grouped(3, n_group=3, topk_group=1)), "best topk_group"),
+    (lambda: (torch.randn(4, 66), _grouped(2, n_group=33)), "n_group <= 32"),
+    (lambda: (torch.randn(4, 6), _grouped(2, correction_bias=torch.zeros(6, device="meta"))), "is on meta"),
 ]
 
 
 @pytest.mark.parametrize("make, match", BAD_ROUTES)
 def test_route_topk_rejects_bad_input(make, match):
-    logits, top_k, options = make()
+    logits, spec = make()
     with pytest.raises(ValueError, match=match):
-        route_topk(logits, top_k, **options)
+        route_topk(logits, spec)
 
 
 def _align_reference(ids: torch.Tensor, experts: int, block_m: int) -> tuple[list[int], list[int]]:

@@ -35,6 +35,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from grape_kernels.expert_weights import ExpertWeights  # noqa: E402
+from grape_kernels.routing import kernel_spec  # noqa: E402
 from grape_kernels.triton import align_block_size, fused_experts, route_topk  # noqa: E402
 from grape_kernels.triton.tuning import DEFAULT_TABLE_PATH, TuningTable, fit_shared_memory  # noqa: E402
 
@@ -101,11 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     JITFunction.run = _compile_instead_of_launch
 
     logits = torch.empty((5, 64), dtype=torch.bfloat16)
-    route_topk(logits, 4, renormalize=True)
-    route_topk(logits, 4, mode="topk_softmax")
-    route_topk(
-        logits, 8, mode="sigmoid_group", correction_bias=torch.empty(64), n_group=8, topk_group=4, renormalize=True
-    )
+    route_topk(logits, kernel_spec("softmax_topk", 4, renormalize=True))
+    route_topk(logits, kernel_spec("topk_softmax", 4))
+    grouped = kernel_spec("sigmoid_group", 8, correction_bias=torch.empty(64), n_group=8, topk_group=4, renormalize=True)
+    route_topk(logits, grouped)
     align_block_size(torch.zeros((5, 4), dtype=torch.int64), 64, 16)
 
     table = TuningTable.load(DEFAULT_TABLE_PATH)
