@@ -18,13 +18,26 @@ import zlib
 import pytest
 import torch
 
-from grape_kernels import ExpertWeights, available_backends, experts_forward, get_backend, select_backend
+from grape_kernels import (
+    Backend,
+    ExpertWeights,
+    available_backends,
+    backend_status,
+    experts_forward,
+    get_backend,
+    routing_function,
+    select_backend,
+    select_routing_backend,
+)
+from grape_kernels import backends as backends_module
+from grape_kernels.backends import resolve_backend
 from grape_kernels.ops import reference_route_topk
 from grape_kernels.routing import RoutingSpec, kernel_spec
 
 H, I = 32, 24
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
-CPU_BACKENDS = [b for b in ("cpu", "dense", "reference") if b in available_backends("cpu")]
+# Every registered backend that runs on the CPU natively (a new one joins these tests by registering).
+CPU_BACKENDS = [b for b in available_backends("cpu") if b != "triton"]
 TRITON_HERE = "triton" in available_backends("cpu")
 
 
@@ -240,9 +253,35 @@ def test_triton_backend_gpt_oss_layout():
 def test_select_backend_by_device():
     assert select_backend("cpu") == "cpu"
     assert select_backend(torch.device("cpu")) == "cpu"
-    assert select_backend("cuda") == ("triton" if get_backend("triton").usable(torch.device("cuda")) else "dense")
+    assert select_backend("cuda") == ("triton" if get_backend("triton").usable(torch.device("cuda"))[0] else "dense")
     assert select_backend("meta") == "dense"
     assert {"cpu", "dense", "reference"} <= set(available_backends("cpu"))
+
+
+def test_backend_status_says_why_a_backend_is_skipped(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    status = backend_status("meta")
+    assert status["dense"] == (True, "") and status["reference"] == (True, "")
+    assert status["cpu"] == (False, "runs on CPU tensors only")
+    assert not status["triton"][0] and "CUDA" in status["triton"][1]
+    routing = backend_status("cpu", kind="routing")
+    assert routing["reference"][0] and not routing["cuda"][0] and "CUDA" in routing["cuda"][1]
+    with pytest.raises(ValueError, match=r"'cpu' cannot run on meta .*\(runs on CPU tensors only\)"):
+        resolve_backend("cpu", "meta")
+
+
+def test_routing_backend_pairs_by_priority(monkeypatch):
+    """Selection follows the records' priorities and pairings, so a new backend needs no new branch."""
+    assert select_routing_backend("cpu", "cpu") is None and select_routing_backend("cpu", "dense") is None
+    assert select_routing_backend("cpu", "reference") == "reference"
+    expected = "triton" if TRITON_HERE else None
+    assert select_routing_backend("cpu", "triton") == expected
+    faster = Backend("fast_route", "routing", lambda: None, lambda d: (True, ""), {"*": 99}, pairs_with=("cpu",))
+    monkeypatch.setitem(backends_module._BACKENDS, ("routing", "fast_route"), faster)
+    assert select_routing_backend("cpu", "auto") == "fast_route"
+    assert "fast_route" in available_backends("cpu", kind="routing")
+    with pytest.raises(ValueError, match="unknown routing backend 'nope'"):
+        routing_function("nope")
 
 
 def test_experts_forward_accepts_pair_weights_and_module():
