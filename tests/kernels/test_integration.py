@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import ARCHS, tiny_config
+from tiny_models import ARCHS, build_tiny_model
 from torch import nn
 
 import grape_kernels
@@ -39,22 +39,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """One saved tiny random model per architecture (hidden 64, routers spread by large weights)."""
-    paths = {}
-    for arch in ARCHS:
-        torch.manual_seed(0)
-        config = tiny_config(arch)
-        config.hidden_size = 64
-        model = AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():
-            for name, tensor in model.named_parameters():
-                if "experts" in name or "gate" in name or "router" in name:
-                    tensor.normal_(0.0, 0.3)
-            for name, buf in model.named_buffers():
-                if "e_score_correction_bias" in name:
-                    buf.uniform_(-0.1, 0.1)
-        paths[arch] = tmp_path_factory.mktemp(arch)
-        model.save_pretrained(paths[arch])
-    return paths
+    return {arch: build_tiny_model(arch, tmp_path_factory.mktemp(arch), hidden_size=64) for arch in ARCHS}
 
 
 def _load(path: Path, implementation: str, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -12,19 +12,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from triton_device import DEVICE, require_interpreted
 
-DEVICE = "cuda" if os.environ.get("GRAPE_TRITON_TEST_DEVICE") == "cuda" else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
-
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from grape_kernels.expert_weights import ExpertWeights  # noqa: E402
 from grape_kernels.triton import (  # noqa: E402
@@ -34,11 +29,7 @@ from grape_kernels.triton import (  # noqa: E402
 )
 from grape_kernels.triton import grouped_gemm as triton_gemm  # noqa: E402
 
-if DEVICE == "cpu" and not isinstance(triton_gemm._gate_up_kernel, InterpretedFunction):
-    raise RuntimeError(
-        "grape_kernels.triton was imported before TRITON_INTERPRET=1 was set; "
-        "set it in tests/conftest.py so the kernels run on the interpreter"
-    )
+require_interpreted(triton_gemm._gate_up_kernel)
 
 interpreter = pytest.mark.interpreter
 F32, F16 = torch.float32, torch.float16

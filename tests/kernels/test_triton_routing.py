@@ -11,28 +11,19 @@ The grid over E / top_k / tokens / dtype is sampled, not crossed, to keep the in
 from __future__ import annotations
 
 import dataclasses
-import os
 import zlib
 
 import pytest
 import torch
+from triton_device import DEVICE, require_interpreted
 
-DEVICE = "cuda" if os.environ.get("GRAPE_TRITON_TEST_DEVICE") == "cuda" else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
-
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from grape_kernels.routing import RoutingSpec, kernel_spec, route  # noqa: E402
 from grape_kernels.triton import align_block_size, route_topk  # noqa: E402
 from grape_kernels.triton import routing as triton_routing  # noqa: E402
 
-if DEVICE == "cpu" and not isinstance(triton_routing._route_kernel, InterpretedFunction):
-    raise RuntimeError(
-        "grape_kernels.triton was imported before TRITON_INTERPRET=1 was set; "
-        "set it in tests/conftest.py so the kernels run on the interpreter"
-    )
+require_interpreted(triton_routing._route_kernel)
 
 pytestmark = pytest.mark.interpreter
 
