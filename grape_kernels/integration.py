@@ -13,10 +13,15 @@ Two ways in:
    (whatever the model's ``experts_implementation``) and, where that backend has a fused
    routing kernel, replaces the routers too.
 
-The grape kernels are inference kernels. When autograd is recording through the experts (a
-forward outside ``torch.no_grad()`` on a model whose parameters require grad), the "grape"
-implementation hands the call to transformers' differentiable ``grouped_mm`` instead of
-failing, and says so once.
+Two cases run transformers' own code instead, whole, with a one-time notice (never an error):
+
+- autograd is recording (a forward outside ``torch.no_grad()`` where the hidden states or the
+  layer's parameters require grad): the grape kernels are inference kernels, so experts run
+  transformers' differentiable ``grouped_mm`` and swapped routers their own forward; every
+  parameter then gets exactly the gradient it gets without grape;
+- an experts module whose math the kernels do not fuse (an activation other than SiLU or
+  GPT-OSS's clamped SwiGLU, a custom gate, a post-expert norm, expert parallelism: see
+  ``grape_kernels.expert_weights.unsupported_reason``): its calls run ``grouped_mm``.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from grape_kernels.backends import (
     routing_function,
     select_routing_backend,
 )
-from grape_kernels.expert_weights import ExpertWeights
+from grape_kernels.expert_weights import unsupported_reason
 from grape_kernels.routing import RoutingSpec, kernel_mode
 
 __all__ = ["EXPERTS_IMPLEMENTATION", "grape_experts_forward", "register", "swap_moe_blocks"]
@@ -49,29 +54,40 @@ logger = logging.getLogger(__name__)
 #: Name under which grape registers in transformers' ``ExpertsInterface``.
 EXPERTS_IMPLEMENTATION = "grape"
 
-_warned_autograd = False
+_noticed: set[str] = set()
 
 
-def _needs_autograd(experts: nn.Module, hidden: torch.Tensor, weights: torch.Tensor) -> bool:
-    """Whether autograd records this call (checked per layer call, so without ``parameters()``)."""
-    if not torch.is_grad_enabled():
-        return False
-    tensors = [hidden, weights, experts.gate_up_proj, experts.down_proj]
-    if getattr(experts, "has_bias", False):
-        tensors += [experts.gate_up_proj_bias, experts.down_proj_bias]
-    return any(t.requires_grad for t in tensors)
+def _notice_once(message: str) -> None:
+    """Log ``message`` the first time it comes up (never while torch.compile traces)."""
+    if torch.compiler.is_compiling() or message in _noticed:
+        return
+    _noticed.add(message)
+    logger.warning(message)
+
+
+def _records_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records a call on ``tensors`` (checked per call, so without ``parameters()``)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _fallback_reason(experts: nn.Module, hidden: torch.Tensor, weights: torch.Tensor) -> str | None:
+    """Why this call must run transformers' own path, or None when grape's kernels can run it."""
+    reason = unsupported_reason(experts)
+    if reason is not None:
+        return reason
+    biases = (experts.gate_up_proj_bias, experts.down_proj_bias) if getattr(experts, "has_bias", False) else ()
+    if _records_autograd(hidden, weights, experts.gate_up_proj, experts.down_proj, *biases):
+        return "autograd is recording and grape's experts kernels are inference-only"
+    return None
 
 
 def _run(experts: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, backend: str):
-    global _warned_autograd
-    if _needs_autograd(experts, hidden, weights):
-        if not _warned_autograd:
-            logger.warning(
-                "grape experts kernels are inference-only and autograd is recording; using "
-                "transformers' grouped_mm for these calls (run under torch.no_grad() or "
-                "torch.inference_mode() to use grape)"
-            )
-            _warned_autograd = True
+    reason = _fallback_reason(experts, hidden, weights)
+    if reason is not None:
+        _notice_once(
+            f"{reason}; these calls run transformers' grouped_mm experts instead (grape's kernels "
+            "run under torch.no_grad() / torch.inference_mode() on SiLU or GPT-OSS experts)"
+        )
         return grouped_mm_experts_forward(experts, hidden, ids, weights)
     return experts_forward(experts, hidden, ids, weights, backend=backend)
 
@@ -94,8 +110,7 @@ def _router_spec(adapter: MoEAdapter, config, router: nn.Module) -> RoutingSpec 
 
     The rule is the architecture record's (``adapter.routing_spec``); a router of another
     class than the record names (a changed upstream class) or a rule no routing kernel
-    implements (DeepSeek-V2's ``group_limited_greedy``: groups scored by their best *softmax*
-    score, see ``grape_kernels.routing.kernel_mode``) keeps the router's own forward.
+    implements (``grape_kernels.routing.kernel_mode`` refuses it) keeps the router's own forward.
     """
     if type(router).__name__ != adapter.router_class:
         return None
@@ -114,6 +129,12 @@ def _routed_forward(self: nn.Module, hidden_states: torch.Tensor, *, adapter: Mo
     The correction bias is read from the router on every call, so it follows the module
     across devices and edits.
     """
+    if _records_autograd(hidden_states, self.weight):
+        _notice_once(
+            "autograd is recording and grape's routing kernels are inference-only; swapped routers run "
+            "their own (transformers') forward for these calls"
+        )
+        return type(self).forward(self, hidden_states)
     hidden = hidden_states.reshape(-1, self.weight.shape[1])
     logits = adapter.logits_of_router(self, hidden)
     bias = getattr(self, "e_score_correction_bias", None)
@@ -146,9 +167,12 @@ def swap_moe_blocks(model: nn.Module, backend: str = "auto", *, route_fn: RouteF
     routing rule (its record in ``grape_kernels.architectures``) maps onto a kernel; other
     routers keep their own forward.
 
+    Experts modules whose math the kernels do not fuse keep running transformers'
+    ``grouped_mm`` (said once, here); their routers are still swapped.
+
     Raises:
-        ValueError: unknown backend, a model without transformers experts modules, or an
-            experts module whose math grape does not implement (checked before any change).
+        ValueError: unknown backend, a backend that cannot run where the model is, or a model
+            without transformers experts modules (checked before any change).
     """
     if backend != "auto":
         get_backend(backend)
@@ -161,9 +185,10 @@ def swap_moe_blocks(model: nn.Module, backend: str = "auto", *, route_fn: RouteF
             "use_experts_implementation)"
         )
     for experts in blocks.values():
-        ExpertWeights.from_module(experts)
         if backend != "auto":
             resolve_backend(backend, experts.gate_up_proj.device)
+    for reason in sorted({r for r in map(unsupported_reason, blocks.values()) if r is not None}):
+        _notice_once(f"{reason}; those experts run transformers' grouped_mm instead of grape's kernels")
     try:
         adapter = get_adapter(model.config)
     except UnsupportedModelError:

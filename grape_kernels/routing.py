@@ -33,10 +33,18 @@ __all__ = [
 ROUTING_MODES: tuple[str, ...] = ("softmax_topk", "topk_softmax", "sigmoid_group")
 """The routing rules the routing kernels implement (:func:`kernel_mode` of a :class:`RoutingSpec`):
 
-- ``softmax_topk``: softmax over all logits, top-k of the probabilities (optionally renormalised);
+- ``softmax_topk``: softmax over all logits, top-k of the probabilities (optionally renormalised),
+  optionally group-limited with groups scored by their best probability and the probabilities
+  outside the chosen groups zeroed (DeepSeek-V2's ``group_limited_greedy``);
 - ``topk_softmax``: top-k of the logits, softmax over those k (GPT-OSS);
 - ``sigmoid_group``: sigmoid scores, correction bias for the choice only, group-limited top-k
   with groups scored by their best two (DeepSeek-V3).
+
+Group-limited routing with ``top_k`` above the experts of the chosen groups runs as in
+transformers: the remaining slots go to experts outside the chosen groups, ranked after every
+eligible one (weight: their sigmoid score for ``sigmoid_group``, zero for ``softmax_topk``).
+transformers leaves *which* of them to ``torch.topk``'s tie order; :func:`route` and the
+kernels take the lowest ids.
 """
 
 MODE_CODES: dict[str, int] = {mode: code for code, mode in enumerate(ROUTING_MODES)}
@@ -130,8 +138,15 @@ def route(
         if keep is not None:
             choice = choice.masked_fill(~keep, neg_inf)
         if spec.n_group > 1:
-            choice = choice.masked_fill(~_group_mask(choice, spec), neg_inf)
-        ids = choice.topk(spec.top_k, dim=-1).indices
+            in_groups = _group_mask(choice, spec)
+            choice = choice.masked_fill(~in_groups, neg_inf)
+            if spec.score_fn == "softmax":  # DeepSeek-V2 zeroes the probabilities outside the groups
+                scores = scores.masked_fill(~in_groups, 0.0)
+        if spec.n_group > 1 and spec.top_k > spec.topk_group * (logits.shape[1] // spec.n_group):
+            # Slots beyond the chosen groups' experts: the lowest ids among the rest, like the kernels.
+            ids = choice.sort(dim=-1, descending=True, stable=True).indices[:, : spec.top_k]
+        else:
+            ids = choice.topk(spec.top_k, dim=-1).indices
         weights = scores.gather(1, ids)
         if spec.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -165,10 +180,14 @@ def kernel_mode(spec: RoutingSpec) -> str:
     if spec.correction_bias is not None and mode != "sigmoid_group":
         raise ValueError(f"a correction bias is only used by sigmoid routing (DeepSeek-V3), not {mode!r}")
     if spec.n_group != 1:
-        if mode != "sigmoid_group":
-            raise ValueError(f"group-limited routing (n_group={spec.n_group}) has a routing kernel only for sigmoid scores")
-        if spec.group_score != "top2_sum":
-            raise ValueError(f"sigmoid group-limited routing scores groups by 'top2_sum', not {spec.group_score!r}")
+        if mode == "topk_softmax":
+            raise ValueError(f"group-limited routing (n_group={spec.n_group}) has no kernel for top-k before softmax")
+        expected = "top2_sum" if mode == "sigmoid_group" else "max"
+        if spec.group_score != expected:
+            raise ValueError(
+                f"group-limited {spec.score_fn} routing has a kernel for groups scored by {expected!r} "
+                f"({'DeepSeek-V3' if mode == 'sigmoid_group' else 'DeepSeek-V2'}), not {spec.group_score!r}"
+            )
     return mode
 
 

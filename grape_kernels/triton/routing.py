@@ -4,7 +4,8 @@ Semantics are those of :func:`grape_kernels.routing.route` (the source of truth,
 compare against); the modes map onto its ``RoutingSpec`` as
 
 ========================  ================================================================
-``"softmax_topk"``        ``score_fn="softmax"`` (Mixtral, Qwen2/3-MoE, OLMoE)
+``"softmax_topk"``        ``score_fn="softmax"`` (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2;
+                          group-limited with ``group_score="max"``)
 ``"topk_softmax"``        ``topk_before_softmax=True`` (GPT-OSS); ``renormalize`` is moot
                           because a softmax over the chosen k already sums to one
 ``"sigmoid_group"``       ``score_fn="sigmoid"``, ``group_score="top2_sum"`` (DeepSeek-V3)
@@ -136,8 +137,9 @@ def _route_kernel(
         denom = tl.where(row_mask, denom, 1.0)  # rows past the end are never stored
 
     if GROUPED:
-        # Group score = sum of the two best choice values of the group (DeepSeek-V3), as a
-        # running top-2 over the group's expert tiles; then the best topk_group groups.
+        # Group score = sum of the two best choice values of the group (DeepSeek-V3) or the best
+        # one (DeepSeek-V2, softmax: the best logit ranks groups like the best probability), as
+        # a running top-2 over the group's expert tiles; then the best topk_group groups.
         groups = tl.arange(0, BLOCK_G)
         group_score = tl.full((BLOCK_T, BLOCK_G), float("-inf"), tl.float32)
         for g in range(n_group):
@@ -160,7 +162,10 @@ def _route_kernel(
                 t1, t2 = _tile_top2(choice, experts, NO_EXPERT)
                 top2 = tl.maximum(tl.minimum(top1, t1), tl.maximum(top2, t2))
                 top1 = tl.maximum(top1, t1)
-            score_g = tl.where(per_group > 1, top1 + top2, top1)
+            if MODE == _SIGMOID_GROUP:
+                score_g = tl.where(per_group > 1, top1 + top2, top1)
+            else:
+                score_g = top1
             group_score = tl.where(groups[None, :] == g, score_g[:, None], group_score)
         chosen_bits = tl.zeros((BLOCK_T,), tl.int32)
         for _ in range(topk_group):
@@ -185,13 +190,18 @@ def _route_kernel(
             score, choice = _scores(
                 logits_ptr, bias_ptr, rows, row_mask, experts, in_row, stride_le, stride_b, MODE, HAS_BIAS
             )
+            if GROUPED:
+                # Experts outside the chosen groups rank after every eligible one (key -inf, ties
+                # to the lowest id): they only fill slots when top_k exceeds the eligible experts,
+                # as in transformers, where softmax routing (DeepSeek-V2) gives them weight 0.
+                in_chosen = ((chosen_bits[:, None] >> (experts // per_group)[None, :]) & 1) != 0
+                choice = tl.where(in_chosen, choice, float("-inf"))
+                if MODE == _SOFTMAX_TOPK:
+                    score = tl.where(in_chosen, score, float("-inf"))
             after_prev = (choice < prev_v[:, None]) | (
                 (choice == prev_v[:, None]) & (experts[None, :] > prev_i[:, None])
             )
             eligible = in_row[None, :] & after_prev
-            if GROUPED:
-                in_chosen = ((chosen_bits[:, None] >> (experts // per_group)[None, :]) & 1) != 0
-                eligible = eligible & in_chosen
             cand = tl.where(eligible, choice, float("-inf"))
             tile_v = tl.max(cand, axis=1)
             tile_i = tl.min(tl.where(eligible & (cand == tile_v[:, None]), experts[None, :], NO_EXPERT), axis=1)

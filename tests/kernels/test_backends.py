@@ -361,11 +361,14 @@ def _route_oracle(logits: Tensor, k: int, mode: str, renormalize: bool = False, 
     choice = scores + (bias.double() if bias is not None else 0)
     if n_group > 1:
         per = x.shape[1] // n_group
-        group_score = choice.view(-1, n_group, per).topk(2, dim=-1).values.sum(-1)
+        best = 2 if mode == "sigmoid_group" else 1  # DeepSeek-V3: best two; V2 (softmax): best one
+        group_score = choice.view(-1, n_group, per).topk(best, dim=-1).values.sum(-1)
         drop = group_score.argsort(dim=-1, descending=True)[:, topk_group:]
         for row, groups in enumerate(drop.tolist()):
             for grp in groups:
                 choice[row, grp * per : (grp + 1) * per] = float("-inf")
+                if mode == "softmax_topk":
+                    scores[row, grp * per : (grp + 1) * per] = 0.0
     ids = choice.topk(k, dim=-1).indices
     w = scores.gather(1, ids)
     if renormalize:
@@ -385,7 +388,7 @@ _ROUTING_CASES = [
 ] + [
     ("sigmoid_group", {"renormalize": True, "scaling": 2.5, "n_group": 4, "topk_group": 2}, experts, top_k)
     for experts, top_k in [(8, 2), (16, 4), (16, 8)]
-]
+] + [("softmax_topk", {"n_group": 4, "topk_group": 2}, experts, top_k) for experts, top_k in [(8, 2), (16, 6)]]
 
 
 @pytest.mark.parametrize("mode,kwargs,experts,top_k", _ROUTING_CASES)
@@ -410,7 +413,7 @@ def test_reference_route_topk_rejects_bad_arguments():
         reference_route_topk(logits, RoutingSpec(top_k=2, score_fn="relu"))
     with pytest.raises(ValueError, match="top_k=9"):
         reference_route_topk(logits, RoutingSpec(top_k=9))
-    with pytest.raises(ValueError, match="only for sigmoid"):
-        reference_route_topk(logits, RoutingSpec(top_k=2, n_group=2))
-    with pytest.raises(ValueError, match="best topk_group"):
-        reference_route_topk(logits, kernel_spec("sigmoid_group", 5, n_group=4, topk_group=2))
+    with pytest.raises(ValueError, match="groups scored by 'max'"):
+        reference_route_topk(logits, RoutingSpec(top_k=2, n_group=2, group_score="top2_sum"))
+    with pytest.raises(ValueError, match="exceeds n_group"):
+        reference_route_topk(logits, kernel_spec("sigmoid_group", 5, n_group=4, topk_group=5))

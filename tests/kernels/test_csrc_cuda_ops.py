@@ -68,6 +68,7 @@ def test_align_validates_input():
         ("topk_softmax", 32, 4, {"scaling": 2.0}),
         ("sigmoid_group", 64, 8, {"n_group": 8, "topk_group": 4, "renormalize": True, "scaling": 2.5}),
         ("sigmoid_group", 144, 4, {"n_group": 3, "topk_group": 2}),
+        ("softmax_topk", 64, 6, {"n_group": 8, "topk_group": 3}),  # DeepSeek-V2 group_limited_greedy
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -104,3 +105,19 @@ def test_cuda_align_block_size_matches_loop(tokens, top_k, experts, block_m):
         row += padded
     assert int(post_pad) == row
     assert bool((sorted_ids[row:] == numel).all()) and bool((expert_ids[row // block_m :] == -1).all())
+
+
+@needs_extension
+@pytest.mark.parametrize("mode", ["softmax_topk", "sigmoid_group"])
+def test_cuda_route_topk_beyond_the_chosen_groups_equals_triton(mode):
+    """top_k above the chosen groups' experts: both GPU routers fill the slots with the lowest ids
+    outside the groups (the rule tests/kernels/test_triton_routing.py checks against float64)."""
+    triton_routing = pytest.importorskip("grape_kernels.triton")
+    gen = torch.Generator().manual_seed(17)
+    logits = torch.randn(300, 8, generator=gen).cuda()
+    bias = (torch.randn(8, generator=gen) * 0.1).cuda() if mode == "sigmoid_group" else None
+    spec = kernel_spec(mode, 3, correction_bias=bias, n_group=4, topk_group=1, renormalize=True)
+    ids, weights = cuda_ops.route_topk(logits, spec)
+    ref_ids, ref_weights = triton_routing.route_topk(logits, spec)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)

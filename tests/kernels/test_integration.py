@@ -163,17 +163,20 @@ def test_swap_moe_blocks_routes_through_given_kernel(checkpoints):
         assert len(calls) - before == len(_moe_blocks(model)), arch
 
 
-def test_deepseek_v2_group_limited_router_is_kept(checkpoints):
+@pytest.mark.parametrize("backend", ["reference"] + (["triton"] if "triton" in available_backends("cpu") else []))
+def test_deepseek_v2_group_limited_router_is_swapped(backend, checkpoints):
+    """DeepSeek-V2's group_limited_greedy (softmax, groups scored by their best probability)
+    routes through the kernels and reproduces the model."""
     model = _load(checkpoints["deepseek_v2"], "eager")
-    model.config.topk_method, model.config.n_group, model.config.topk_group = "group_limited_greedy", 2, 1
+    model.config.topk_method, model.config.n_group, model.config.topk_group = "group_limited_greedy", 4, 2
     for block in _moe_blocks(model):
         block.gate.topk_method = "group_limited_greedy"
-        block.gate.num_group, block.gate.topk_group = 2, 1
-    ids = _ids(model)
+        block.gate.num_group, block.gate.topk_group = 4, 2
+    ids = _ids(model)[:, :5]
     expected = _logits(model, ids)
-    swap_moe_blocks(model, "reference")
-    assert all("forward" not in vars(block.gate) for block in _moe_blocks(model))
-    _close(_logits(model, ids), expected)
+    swap_moe_blocks(model, backend)
+    assert all("forward" in vars(block.gate) for block in _moe_blocks(model))
+    _close(_logits(model, ids), expected, tol=1e-4)
 
 
 @pytest.mark.interpreter
@@ -199,7 +202,7 @@ def test_autograd_falls_back_to_grouped_mm(checkpoints, caplog, monkeypatch):
     model = _load(checkpoints["olmoe"], "grape")
     ids = _ids(model)
     expected = _logits(model, ids)
-    monkeypatch.setattr(grape_kernels.integration, "_warned_autograd", False)
+    monkeypatch.setattr(grape_kernels.integration, "_noticed", set())
     with caplog.at_level(logging.WARNING, logger="grape_kernels.integration"):
         logits = model(ids).logits
     assert "inference-only" in caplog.text
@@ -219,9 +222,6 @@ def test_swap_moe_blocks_rejects_bad_calls(checkpoints):
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32))
     with pytest.raises(ValueError, match="no transformers experts modules"):
         swap_moe_blocks(dense)
-    model.model.layers[0].mlp.experts.act_fn = torch.nn.GELU()
-    with pytest.raises(ValueError, match="GELU"):
-        swap_moe_blocks(model, "cpu")
 
 
 def test_trained_model_pruned_ragged(shared_model):

@@ -34,30 +34,36 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _group_keep(key: torch.Tensor, mode: str, n_group: int, topk_group: int) -> torch.Tensor:
+    """Bool (T, E): experts in the chosen groups (groups scored by their two best keys for
+    DeepSeek-V3's sigmoid routing, by their best one for DeepSeek-V2's softmax routing)."""
+    tokens, experts = key.shape
+    if n_group == 1:
+        return torch.ones(tokens, experts, dtype=torch.bool)
+    per_group = experts // n_group
+    best = 2 if mode == "sigmoid_group" else 1
+    group_score = key.view(tokens, n_group, per_group).topk(min(best, per_group), dim=-1).values.sum(dim=-1)
+    chosen = group_score.topk(topk_group, dim=-1).indices
+    keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, chosen, True)
+    return keep.repeat_interleave(per_group, dim=1)
+
+
 def _selection_key(
     logits: torch.Tensor, mode: str, bias: torch.Tensor | None, n_group: int, topk_group: int
 ) -> torch.Tensor:
     """Float64 key the router ranks experts by, with experts of unchosen groups at -inf."""
     x = logits.double().cpu()
-    if mode != "sigmoid_group":
-        return x
-    key = x.sigmoid() + (0.0 if bias is None else bias.double().cpu())
-    if n_group > 1:
-        tokens, experts = key.shape
-        per_group = experts // n_group
-        grouped = key.view(tokens, n_group, per_group)
-        group_score = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
-        chosen = group_score.topk(topk_group, dim=-1).indices
-        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, chosen, True)
-        key = key.masked_fill(~keep.repeat_interleave(per_group, dim=1), float("-inf"))
-    return key
+    key = x.sigmoid() + (0.0 if bias is None else bias.double().cpu()) if mode == "sigmoid_group" else x
+    return key.masked_fill(~_group_keep(key, mode, n_group, topk_group), float("-inf"))
 
 
-def _weights64(logits: torch.Tensor, ids: torch.Tensor, mode: str, renormalize: bool, scaling: float) -> torch.Tensor:
-    """Float64 routing weights of the given ids."""
+def _weights64(logits: torch.Tensor, ids: torch.Tensor, mode: str, renormalize: bool, scaling: float,
+               n_group: int = 1, topk_group: int = 1) -> torch.Tensor:
+    """Float64 routing weights of the given ids (softmax outside the chosen groups: zero)."""
     x, idx = logits.double().cpu(), ids.long().cpu()
     if mode == "softmax_topk":
-        weights = x.softmax(dim=-1).gather(1, idx)
+        probs = x.softmax(dim=-1).masked_fill(~_group_keep(x, mode, n_group, topk_group), 0.0)
+        weights = probs.gather(1, idx)
     elif mode == "topk_softmax":
         weights = x.gather(1, idx).softmax(dim=-1)
     else:
@@ -85,7 +91,7 @@ def _check_routing(logits, top_k, mode, renormalize=False, scaling=1.0, bias=Non
     chosen = key.gather(1, ids.long())
     torch.testing.assert_close(chosen, key.topk(top_k, dim=1).values, rtol=0, atol=1e-6)
     torch.testing.assert_close(
-        weights.double(), _weights64(logits, ids, mode, renormalize, scaling), rtol=1e-5, atol=1e-6
+        weights.double(), _weights64(logits, ids, mode, renormalize, scaling, n_group, topk_group), rtol=1e-5, atol=1e-6
     )
 
     cpu_bias = None if bias is None else bias.float().cpu()
@@ -105,6 +111,8 @@ ROUTE_CASES = [
     ("softmax_topk", 64, 8, 7, F16, {"renormalize": True}),
     ("softmax_topk", 200, 8, 7, F32, {}),
     ("softmax_topk", 5, 4, 0, F32, {}),
+    ("softmax_topk", 64, 6, 7, F32, {"n_group": 8, "topk_group": 3}),  # DeepSeek-V2 group_limited_greedy
+    ("softmax_topk", 16, 4, 300, F16, {"n_group": 4, "topk_group": 2, "renormalize": True}),
     ("topk_softmax", 5, 4, 7, F32, {}),
     ("topk_softmax", 8, 1, 300, F16, {}),
     ("topk_softmax", 64, 4, 7, F32, {"scaling": 0.5, "renormalize": True}),
@@ -151,6 +159,35 @@ def test_route_topk_equals_routing_after_pruning(mode):
     torch.testing.assert_close(weights.cpu(), ref_weights, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["softmax_topk", "sigmoid_group"])
+def test_route_topk_fills_slots_beyond_the_chosen_groups(mode):
+    """top_k above the experts of the chosen groups runs, as transformers' DeepSeek routers do:
+    the eligible experts come first, then the lowest ids outside the chosen groups, weighted by
+    their sigmoid score (V3) or zero (V2, whose probabilities outside the groups are zeroed)."""
+    gen = _generator(13)
+    logits = torch.randn(9, 8, generator=gen)
+    bias = torch.randn(8, generator=gen) * 0.1 if mode == "sigmoid_group" else None
+    options = dict(n_group=4, topk_group=1, renormalize=mode == "sigmoid_group", scaling=2.5)
+    spec = kernel_spec(mode, 3, correction_bias=bias, **options)
+    ids, weights = route_topk(logits.to(DEVICE), dataclasses.replace(spec, correction_bias=_on_device(bias)))
+    ids, weights = ids.cpu().long(), weights.cpu()
+    key = _selection_key(logits, mode, bias, 4, 1)
+    eligible = key.topk(2, dim=1).indices
+    assert torch.equal(ids[:, :2], eligible)
+    outside = torch.isinf(key)
+    assert torch.equal(ids[:, 2], outside.int().argmax(dim=1)), "the lowest id outside the chosen group"
+    expected = _weights64(logits, ids, mode, options["renormalize"], 2.5, 4, 1)
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-5, atol=1e-6)
+    assert (weights[:, 2] == 0).all() == (mode == "softmax_topk")
+    ref_ids, ref_weights = route(logits, spec)
+    assert torch.equal(ref_ids, ids)
+    torch.testing.assert_close(ref_weights, weights, rtol=1e-5, atol=1e-6)
+
+
+def _on_device(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(DEVICE)
+
+
 def test_route_topk_ties_resolve_to_lowest_id():
     ids, weights = route_topk(torch.zeros(3, 6, device=DEVICE), kernel_spec("softmax_topk", 4))
     assert ids.cpu().tolist() == [[0, 1, 2, 3]] * 3
@@ -162,7 +199,7 @@ def _softmax(top_k, **fields) -> RoutingSpec:
 
 
 def _grouped(top_k, **fields) -> RoutingSpec:
-    return RoutingSpec(top_k=top_k, score_fn="sigmoid", group_score="top2_sum", **fields)
+    return RoutingSpec(top_k=top_k, score_fn="sigmoid", **{"group_score": "top2_sum", **fields})
 
 
 BAD_ROUTES = [
@@ -173,11 +210,12 @@ BAD_ROUTES = [
     (lambda: (torch.randn(4, 6), _softmax(2.0)), "top_k must be an int"),
     (lambda: (torch.randn(4, 6), _softmax(2, score_fn="softmax2")), "unknown routing score_fn"),
     (lambda: (torch.randn(4, 6), _softmax(2, correction_bias=torch.zeros(6))), "only used by sigmoid routing"),
-    (lambda: (torch.randn(4, 6), _softmax(2, n_group=2)), "routing kernel only for sigmoid"),
+    (lambda: (torch.randn(4, 6), _softmax(2, n_group=2, group_score="top2_sum")), "groups scored by 'max'"),
+    (lambda: (torch.randn(4, 6), _softmax(2, n_group=2, topk_before_softmax=True)), "no kernel for top-k before"),
+    (lambda: (torch.randn(4, 6), _grouped(2, n_group=2, group_score="max")), "groups scored by 'top2_sum'"),
     (lambda: (torch.randn(4, 6), _grouped(2, correction_bias=torch.zeros(5))), "shape \\(6,\\)"),
     (lambda: (torch.randn(4, 6), _grouped(2, n_group=4)), "equal groups"),
     (lambda: (torch.randn(4, 6), _grouped(2, n_group=3, topk_group=4)), "exceeds n_group"),
-    (lambda: (torch.randn(4, 6), _grouped(3, n_group=3, topk_group=1)), "best topk_group"),
     (lambda: (torch.randn(4, 66), _grouped(2, n_group=33)), "n_group <= 32"),
     (lambda: (torch.randn(4, 6), _grouped(2, correction_bias=torch.zeros(6, device="meta"))), "is on meta"),
 ]

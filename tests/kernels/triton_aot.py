@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     route_topk(logits, kernel_spec("topk_softmax", 4))
     grouped = kernel_spec("sigmoid_group", 8, correction_bias=torch.empty(64), n_group=8, topk_group=4, renormalize=True)
     route_topk(logits, grouped)
+    route_topk(logits, kernel_spec("softmax_topk", 6, n_group=8, topk_group=3))  # DeepSeek-V2 group-limited
     align_block_size(torch.zeros((5, 4), dtype=torch.int64), 64, 16)
 
     table = TuningTable.load(DEFAULT_TABLE_PATH)
