@@ -274,4 +274,21 @@ def experts_forward(
         layout = {}
     if layout:
         raise TypeError(f"layout keywords {sorted(layout)} only apply to a (w_gate_up, w_down) pair")
-    return resolve_backend(backend, hidden.device).load()(hidden, weights, topk_ids, topk_weights)
+    return _LOADED[_resolve_loaded(backend, str(hidden.device))](hidden, weights, topk_ids, topk_weights)
+
+
+_LOADED: dict[str, Callable] = {}
+
+
+@torch.compiler.assume_constant_result
+def _resolve_loaded(backend: str, device: str) -> str:
+    """:func:`resolve_backend`'s name, with the backend's function loaded into ``_LOADED``.
+
+    torch.compile runs this once while tracing (imports and registry lookups are not
+    traceable) and keeps its answer for the compiled graph: the backend is chosen when a
+    model is compiled, as the device of its tensors is.
+    """
+    resolved = resolve_backend(backend, device)
+    if resolved.name not in _LOADED:
+        _LOADED[resolved.name] = resolved.load()
+    return resolved.name

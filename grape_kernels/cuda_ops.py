@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from grape_kernels.kernel_checks import check_align_args, check_route_args
+from grape_kernels.library import align_op, routing_op
 from grape_kernels.routing import MODE_CODES, RoutingSpec
 
 try:
@@ -44,6 +45,7 @@ def _require_device(tensor: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a CUDA tensor for the cuda backend, got device {tensor.device}")
 
 
+@routing_op("cuda")
 def route_topk(logits: torch.Tensor, spec: RoutingSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Route every token on the GPU: ids ``(T, k)`` int32 and weights ``(T, k)`` float32.
 
@@ -80,6 +82,7 @@ def route_topk(logits: torch.Tensor, spec: RoutingSpec) -> tuple[torch.Tensor, t
     return ids, weights
 
 
+@align_op("cuda")
 def align_block_size(
     topk_ids: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

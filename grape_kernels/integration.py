@@ -13,6 +13,9 @@ Two ways in:
    (whatever the model's ``experts_implementation``) and, where that backend has a fused
    routing kernel, replaces the routers too.
 
+Both compile with ``torch.compile(model, fullgraph=True)``: the kernels are custom ops
+(``grape_kernels.library``) and the backend is resolved once while tracing.
+
 Two cases run transformers' own code instead, whole, with a one-time notice (never an error):
 
 - autograd is recording (a forward outside ``torch.no_grad()`` where the hidden states or the

@@ -38,6 +38,7 @@ import torch
 from torch.nn import functional as F
 
 from grape_kernels.expert_weights import ExpertWeights
+from grape_kernels.library import experts_op
 from grape_kernels.ops.common import check_experts_inputs, ids_out_of_range, split_gate_up
 
 __all__ = ["cpu_experts"]
@@ -185,6 +186,7 @@ def _activate(gate_up: torch.Tensor, weights: ExpertWeights) -> torch.Tensor:
     return torch.mul(gate, weights.swiglu_alpha).sigmoid_().mul_(gate).mul_(up)
 
 
+@experts_op("cpu")
 def cpu_experts(
     hidden: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor, topk_weights: torch.Tensor
 ) -> torch.Tensor:

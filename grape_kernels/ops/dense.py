@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from grape_kernels.expert_weights import ExpertWeights
+from grape_kernels.library import experts_op
 from grape_kernels.ops.common import check_experts_inputs, gated_activation
 
 __all__ = ["dense_experts"]
@@ -21,6 +22,7 @@ __all__ = ["dense_experts"]
 _MAX_INTERMEDIATE_ELEMENTS = 1 << 25
 
 
+@experts_op("dense")
 def dense_experts(
     hidden: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor, topk_weights: torch.Tensor
 ) -> torch.Tensor:

@@ -12,12 +12,14 @@ import torch
 
 from grape_kernels.expert_weights import ExpertWeights
 from grape_kernels.kernel_checks import check_route_args
+from grape_kernels.library import experts_op, routing_op
 from grape_kernels.ops.common import check_experts_inputs, gated_activation
 from grape_kernels.routing import RoutingSpec, route
 
 __all__ = ["reference_experts", "reference_route_topk"]
 
 
+@experts_op("reference")
 def reference_experts(
     hidden: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor, topk_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -43,6 +45,7 @@ def reference_experts(
     return out.to(hidden.dtype)
 
 
+@routing_op("reference")
 def reference_route_topk(logits: torch.Tensor, spec: RoutingSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert ids (T, k) int32 and weights (T, k) float32 from router logits (T, E).
 

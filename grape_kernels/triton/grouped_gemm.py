@@ -33,6 +33,7 @@ import triton.language as tl
 
 from grape_kernels.expert_weights import ExpertWeights
 from grape_kernels.kernel_checks import ExpertsProblem, check_experts_args
+from grape_kernels.library import experts_op
 from grape_kernels.triton.align import align_block_size
 from grape_kernels.triton.tuning import KernelConfig, select_config
 
@@ -373,6 +374,7 @@ def _launch(
     return out
 
 
+@experts_op("triton")
 def fused_experts(
     hidden: torch.Tensor,
     weights: ExpertWeights,

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from grape_kernels.kernel_checks import check_route_args
+from grape_kernels.library import routing_op
 from grape_kernels.routing import MODE_CODES, RoutingSpec
 
 __all__ = ["route_topk"]
@@ -233,6 +234,7 @@ def _route_kernel(
     tl.store(weights_ptr + out_rows * stride_wt + slots[None, :], weights, mask=out_mask)
 
 
+@routing_op("triton")
 def route_topk(logits: torch.Tensor, spec: RoutingSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Route every token: expert ids ``(T, k)`` int32 and weights ``(T, k)`` float32.
 
