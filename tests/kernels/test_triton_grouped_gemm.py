@@ -107,8 +107,8 @@ def _problem(experts, top_k, tokens, dtype, *, layout="standard", ids_kind="rand
 
 
 def _tolerance(dtype: torch.dtype) -> dict:
-    # fp16 rounds the activation, each slot's output and the final sum to 11 bits
-    return dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    # fp16 rounds the activation, each slot's output and the final sum to 11 bits, bf16 to 8
+    return {F32: dict(rtol=1e-4, atol=1e-4), F16: dict(rtol=2e-2, atol=2e-2)}.get(dtype, dict(rtol=6e-2, atol=6e-2))
 
 
 def _call(args: dict, options: dict, config: KernelConfig | None = None) -> torch.Tensor:
@@ -156,6 +156,14 @@ FUSED_CASES = [
     (5, 2, 7, F32, "transposed", "random"),
     (5, 2, 7, F16, "interleaved", "random"),  # standard layout, interleaved gate/up, biases
 ]
+if DEVICE == "cuda":  # the interpreter computes bfloat16 wrongly (triton-lang/triton#4972): compiled kernels only
+    FUSED_CASES += [
+        (2, 2, 1, torch.bfloat16, "standard", "random"),
+        (8, 2, 300, torch.bfloat16, "standard", "random"),
+        (64, 8, 300, torch.bfloat16, "standard", "random"),
+        (13, 1, 7, torch.bfloat16, "standard", "dropped"),
+        (8, 4, 300, torch.bfloat16, "gpt_oss", "random"),
+    ]
 
 
 @interpreter
