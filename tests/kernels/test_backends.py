@@ -41,16 +41,6 @@ CPU_BACKENDS = [b for b in available_backends("cpu") if b != "triton"]
 TRITON_HERE = "triton" in available_backends("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these problems are tiny, and on the shared 2-core machine OpenMP
-    barriers in a contended process made single tests 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(*key) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 

@@ -32,14 +32,6 @@ TRITON_HERE = "triton" in available_backends("cpu")
 PACKAGE = Path(grape_kernels.__file__).parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _layer(seed: int, *, gpt_oss: bool = False) -> tuple[torch.Tensor, ExpertWeights, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     experts, hidden, inter, tokens = 6, 16, 8, 5

@@ -27,15 +27,6 @@ AutoModelForCausalLM = transformers.AutoModelForCausalLM
 KEEP = [0, 2, 5, 7]  # two experts from each half: keeps DeepSeek-V3's 2 groups valid (2 per group)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: tiny models, and OpenMP barriers in a contended 2-core machine are slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """One saved tiny random model per architecture (hidden 64, routers spread by large weights)."""

@@ -23,14 +23,6 @@ from grape_kernels import available_backends, swap_moe_blocks
 SWAP_BACKENDS = ["auto", "cpu", "dense", "reference"] + (["triton"] if "triton" in available_backends("cpu") else [])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def _fresh_notices(monkeypatch):
     """Every test sees grape's one-time notices as if for the first time."""
