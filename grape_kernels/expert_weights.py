@@ -75,6 +75,11 @@ class ExpertWeights(NamedTuple):
         reason = unsupported_reason(experts)
         if reason is not None:
             raise UnsupportedExpertsError(reason)
+        return cls.read_supported(experts)
+
+    @classmethod
+    def read_supported(cls, experts: nn.Module) -> ExpertWeights:
+        """:meth:`from_module` for a module :func:`unsupported_reason` has already passed."""
         if _gate_kind(type(experts)) == "gpt_oss":
             activation, alpha, limit = "gpt_oss", float(experts.alpha), float(experts.limit)
         else:
@@ -113,18 +118,27 @@ def unsupported_reason(experts: nn.Module) -> str | None:
     return None
 
 
+_GATE_KINDS: dict[type, str] = {}
+
+
 def _gate_kind(experts_class: type) -> str:
     """How a transformers experts class gates: ``"gpt_oss"``, ``"default"`` or ``"custom"``.
 
     ``use_experts_implementation`` installs ``_default_apply_gate`` (``act_fn(gate) * up``) on
     classes without their own; it is recognised by name and module so this file need not
-    import transformers.
+    import transformers. Remembered per class (asked on every layer call) in a plain dict,
+    which torch.compile can trace, unlike ``functools.cache``.
     """
-    if any(c.__name__ == "GptOssExperts" for c in experts_class.__mro__):
-        return "gpt_oss"
-    gate = getattr(experts_class, "_apply_gate", None)
-    default = (getattr(gate, "__name__", None), getattr(gate, "__module__", None)) == (
-        "_default_apply_gate",
-        "transformers.integrations.moe",
-    )
-    return "default" if default else "custom"
+    kind = _GATE_KINDS.get(experts_class)
+    if kind is None:
+        gate = getattr(experts_class, "_apply_gate", None)
+        default = (getattr(gate, "__name__", None), getattr(gate, "__module__", None)) == (
+            "_default_apply_gate",
+            "transformers.integrations.moe",
+        )
+        if any(c.__name__ == "GptOssExperts" for c in experts_class.__mro__):
+            kind = "gpt_oss"
+        else:
+            kind = "default" if default else "custom"
+        _GATE_KINDS[experts_class] = kind
+    return kind

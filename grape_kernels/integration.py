@@ -47,7 +47,7 @@ from grape_kernels.backends import (
     routing_function,
     select_routing_backend,
 )
-from grape_kernels.expert_weights import unsupported_reason
+from grape_kernels.expert_weights import ExpertWeights, unsupported_reason
 from grape_kernels.routing import RoutingSpec, kernel_mode
 
 __all__ = ["EXPERTS_IMPLEMENTATION", "grape_experts_forward", "register", "swap_moe_blocks"]
@@ -92,7 +92,7 @@ def _run(experts: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, weights: t
             "run under torch.no_grad() / torch.inference_mode() on SiLU or GPT-OSS experts)"
         )
         return grouped_mm_experts_forward(experts, hidden, ids, weights)
-    return experts_forward(experts, hidden, ids, weights, backend=backend)
+    return experts_forward(ExpertWeights.read_supported(experts), hidden, ids, weights, backend=backend)
 
 
 def grape_experts_forward(

@@ -87,9 +87,9 @@ def grape_calls(monkeypatch) -> list[int]:
     calls: list[int] = []
     real = grape_kernels.integration.experts_forward
 
-    def spy(experts: nn.Module, *args, **kwargs) -> torch.Tensor:
-        calls.append(experts.gate_up_proj.shape[0])
-        return real(experts, *args, **kwargs)
+    def spy(weights: grape_kernels.ExpertWeights, *args, **kwargs) -> torch.Tensor:
+        calls.append(weights.w_gate_up.shape[0])
+        return real(weights, *args, **kwargs)
 
     monkeypatch.setattr(grape_kernels.integration, "experts_forward", spy)
     return calls
