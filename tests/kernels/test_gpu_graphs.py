@@ -1,5 +1,5 @@
 """On a CUDA GPU: the routed layer runs without host synchronisation, replays in a CUDA graph,
-and a model on grape's GPU kernels compiles with ``fullgraph=True`` and matches eager.
+a model on grape's GPU kernels compiles with ``fullgraph=True``, and swapped models match eager.
 
 Skipped without a GPU (``benchmarks/gpu_check.py`` runs it there). What can be checked
 without one, that the launch path never reads tensor values, is in ``test_compile.py``.
@@ -74,3 +74,20 @@ def test_model_on_gpu_kernels_compiles_fullgraph(arch, tmp_path):
         expected = model(ids).logits.float()
         got = torch.compile(model, fullgraph=True)(ids).logits.float()
     torch.testing.assert_close(got, expected, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "deepseek_v2", "gpt_oss"])
+def test_swapped_model_on_gpu_matches_eager(arch, tmp_path):
+    """swap_moe_blocks on a CUDA model: GPU routing kernels (CUDA op or Triton) and Triton experts."""
+    from grape_kernels import swap_moe_blocks
+
+    path = build_tiny_model(arch, tmp_path / arch, hidden_size=64)
+    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager").cuda().eval()
+    ids = torch.randint(0, 320, (2, 12), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+        swap_moe_blocks(model, "auto")
+        got = model(ids).logits
+    blocks = [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    assert all("forward" in vars(getattr(block, "router", getattr(block, "gate", None))) for block in blocks)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
