@@ -66,7 +66,7 @@ def test_junit_summary_counts_a_real_pytest_run(gpu_check, tmp_path):
     )
     xml = tmp_path / "tests.xml"
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-                    f"--junitxml={xml}", str(tmp_path / "test_sample.py")], capture_output=True, timeout=120)
+                    f"--junitxml={xml}", "test_sample.py"], capture_output=True, timeout=120, cwd=tmp_path)
     summary = gpu_check.junit_summary(xml)
     assert (summary["tests"], summary["passed"], summary["failed"], summary["skipped"]) == (3, 1, 1, 1)
     assert summary["failures"] == ["test_sample::test_fail"]
