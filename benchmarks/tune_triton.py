@@ -68,28 +68,30 @@ def merge_entry(table, n: int, k: int, bucket: float, config, device: str, note:
     return TuningTable(table.default, shapes, device, note)
 
 
-def _inputs(args: argparse.Namespace, tokens: int, dtype: torch.dtype) -> dict:
+def _inputs(args: argparse.Namespace, tokens: int, dtype: torch.dtype) -> tuple:
+    """(hidden, weights, topk_ids, topk_weights) of one random layer call on the GPU."""
+    from grape_kernels import ExpertWeights
+
     experts, top_k, width, inter = args.experts, args.top_k, args.hidden, args.intermediate
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     transposed = args.layout == "gpt_oss"
     shape_gu = (experts, width, 2 * inter) if transposed else (experts, 2 * inter, width)
     shape_d = (experts, inter, width) if transposed else (experts, width, inter)
-    inputs = dict(
-        hidden=torch.randn(tokens, width, device="cuda", generator=gen).to(dtype),
-        w_gate_up=(torch.randn(shape_gu, device="cuda", generator=gen) / width**0.5).to(dtype),
-        w_down=(torch.randn(shape_d, device="cuda", generator=gen) / inter**0.5).to(dtype),
-        topk_ids=torch.rand(tokens, experts, device="cuda", generator=gen).argsort(dim=1)[:, :top_k].int(),
-        topk_weights=torch.rand(tokens, top_k, device="cuda", generator=gen),
+    weights = ExpertWeights(
+        (torch.randn(shape_gu, device="cuda", generator=gen) / width**0.5).to(dtype),
+        (torch.randn(shape_d, device="cuda", generator=gen) / inter**0.5).to(dtype),
         transposed=transposed,
     )
     if transposed:
-        inputs.update(
+        weights = weights._replace(
             gate_up_bias=torch.zeros(experts, 2 * inter, device="cuda", dtype=dtype),
             down_bias=torch.zeros(experts, width, device="cuda", dtype=dtype),
             activation="gpt_oss",
             interleaved=True,
         )
-    return inputs
+    hidden = torch.randn(tokens, width, device="cuda", generator=gen).to(dtype)
+    topk_ids = torch.rand(tokens, experts, device="cuda", generator=gen).argsort(dim=1)[:, :top_k].int()
+    return hidden, weights, topk_ids, torch.rand(tokens, top_k, device="cuda", generator=gen)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         timings = []
         for config in candidate_configs(bucket, element_size, budget, args.quick):
             try:
-                ms = triton.testing.do_bench(lambda inputs=inputs, config=config: fused_experts(**inputs, config=config), rep=args.rep)
+                ms = triton.testing.do_bench(lambda inputs=inputs, config=config: fused_experts(*inputs, config=config), rep=args.rep)
             except (TritonError, RuntimeError) as err:  # out of resources, ptxas failure, ...
                 print(f"  skip {config}: {type(err).__name__}", file=sys.stderr)
                 continue
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"T={tokens}: no candidate ran; keeping the table's entry", file=sys.stderr)
             continue
         best_ms, best = min(timings, key=lambda item: item[0])
-        base_ms = triton.testing.do_bench(lambda inputs=inputs, baseline=baseline: fused_experts(**inputs, config=baseline), rep=args.rep)
+        base_ms = triton.testing.do_bench(lambda inputs=inputs, baseline=baseline: fused_experts(*inputs, config=baseline), rep=args.rep)
         print(f"T={tokens:6d} bucket={bucket:g}: {best_ms:.4f} ms with {best} ({base_ms / best_ms:.2f}x the table's)")
         table = merge_entry(table, n, k, bucket, best, device_name, note)
         args.out.write_text(json.dumps(table.to_json(), indent=2) + "\n")  # keep partial progress

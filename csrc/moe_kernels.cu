@@ -7,9 +7,10 @@
 // arg-max over the experts strictly *after* the previous winner in the order (key
 // descending, id ascending), so nothing has to remember which experts were taken and ties
 // resolve to the lowest id, exactly like the Triton router. Semantics follow
-// grape/routing.py `route` (softmax-then-top-k with optional renormalisation; top-k-then-
-// softmax; sigmoid + correction bias with group-limited top-k, group score = sum of the
-// group's two best keys, weights from the un-biased sigmoid).
+// grape_kernels/routing.py `route` (softmax-then-top-k with optional renormalisation and
+// optional group limit, groups scored by their best key; top-k-then-softmax; sigmoid +
+// correction bias with group-limited top-k, group score = sum of the group's two best keys,
+// weights from the un-biased sigmoid).
 //
 // Align: (1) histogram of expert ids per block in shared memory, flushed with atomics, plus
 // the sentinel fill of the output; (2) one block scans the padded counts into each expert's
@@ -108,7 +109,7 @@ __global__ void route_topk_kernel(RouteArgs a) {
 
   // Group-limited routing: lane g scores group g, then topk_group warp arg-max passes over
   // the lanes pick the groups; the result is a bit mask every lane holds.
-  const bool grouped = sigmoid_mode && a.n_group > 1;
+  const bool grouped = a.n_group > 1;
   const int per_group = num_experts / a.n_group;
   unsigned chosen_groups = kFullMask;
   if (grouped) {
@@ -132,7 +133,8 @@ __global__ void route_topk_kernel(RouteArgs a) {
         top2 = fmaxf(fminf(top1, o1), fmaxf(top2, o2));
         top1 = fmaxf(top1, o1);
       }
-      if (lane == g) my_group_score = per_group > 1 ? top1 + top2 : top1;
+      // DeepSeek-V3 scores a group by its best two keys, DeepSeek-V2 (softmax) by its best one.
+      if (lane == g) my_group_score = (sigmoid_mode && per_group > 1) ? top1 + top2 : top1;
     }
     chosen_groups = 0u;
     for (int r = 0; r < a.topk_group; ++r) {
@@ -144,7 +146,10 @@ __global__ void route_topk_kernel(RouteArgs a) {
     }
   }
 
-  // k arg-max passes; lane j keeps winner j.
+  // k arg-max passes; lane j keeps winner j. Experts outside the chosen groups rank after every
+  // eligible one (key -inf, ties to the lowest id): they fill slots only when top_k exceeds the
+  // eligible experts, as in transformers.
+  auto in_chosen = [=](int e) { return !grouped || ((chosen_groups >> (e / per_group)) & 1u) != 0u; };
   float prev_v = INFINITY;
   int prev_i = -1;
   float my_key = -INFINITY;
@@ -153,8 +158,7 @@ __global__ void route_topk_kernel(RouteArgs a) {
     float best_v = -INFINITY;
     int best_i = INT_MAX;
     for (int e = lane; e < num_experts; e += kWarp) {
-      if (grouped && ((chosen_groups >> (e / per_group)) & 1u) == 0u) continue;
-      const float v = key(e);
+      const float v = in_chosen(e) ? key(e) : -INFINITY;
       const bool after_prev = v < prev_v || (v == prev_v && e > prev_i);
       if (after_prev && precedes(v, e, best_v, best_i)) {
         best_v = v;
@@ -175,7 +179,8 @@ __global__ void route_topk_kernel(RouteArgs a) {
   const bool holds = lane < a.top_k && my_id < num_experts;
   float w = 0.0f;
   if (a.mode == RouteMode::kSoftmaxTopk) {
-    if (holds) w = expf(logit(my_id) - row_max) / denom;
+    // DeepSeek-V2 zeroes the probabilities outside the chosen groups.
+    if (holds && in_chosen(my_id)) w = expf(logit(my_id) - row_max) / denom;
   } else if (a.mode == RouteMode::kTopkSoftmax) {
     const float top = __shfl_sync(kFullMask, my_key, 0);
     if (holds) w = expf(my_key - top);

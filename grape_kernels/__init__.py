@@ -7,9 +7,9 @@ Triton and the CUDA extension are imported lazily, only when a backend that need
 
 from grape_kernels.backends import (
     Backend,
-    ExpertWeights,
     available_backends,
     backend_names,
+    backend_status,
     experts_forward,
     get_backend,
     register_backend,
@@ -17,6 +17,7 @@ from grape_kernels.backends import (
     select_backend,
     select_routing_backend,
 )
+from grape_kernels.expert_weights import ExpertWeights
 from grape_kernels.integration import EXPERTS_IMPLEMENTATION, grape_experts_forward, register, swap_moe_blocks
 from grape_kernels.ops import cpu_experts, dense_experts, reference_experts, reference_route_topk
 
@@ -28,6 +29,7 @@ __all__ = [
     "ExpertWeights",
     "available_backends",
     "backend_names",
+    "backend_status",
     "cpu_experts",
     "dense_experts",
     "experts_forward",

@@ -164,7 +164,10 @@ class MoEAdapter:
 
     def router_logits(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """(T, E) router logits for flattened hidden states, computed like the router does."""
-        router = self.router(block)
+        return self.logits_of_router(self.router(block), hidden)
+
+    def logits_of_router(self, router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`router_logits` for a router module itself (the kernels' router swap has no block)."""
         if self.float32_router_logits:
             return nn.functional.linear(hidden.float(), router.weight.float())
         return nn.functional.linear(hidden, router.weight, getattr(router, "bias", None))

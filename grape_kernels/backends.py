@@ -1,6 +1,6 @@
-"""Which implementation runs a routed-experts layer, and one entry point that dispatches to it.
+"""Which implementation runs a MoE layer: one registry of experts and routing backends.
 
-Backends (all take the ``fused_experts`` arguments, see ``grape_kernels.ops.common``):
+Experts backends (:data:`~grape_kernels.ops.common.ExpertsFn`: ``fn(hidden, weights, ids, w)``):
 
 =============  ===================================================  ==========================
 name           what it is                                           devices
@@ -12,8 +12,15 @@ name           what it is                                           devices
 ``reference``  obvious per-expert loop, the oracle                  any
 =============  ===================================================  ==========================
 
-Routing has its own, smaller table: ``route_topk`` kernels exist as Triton code, optionally
-as the compiled CUDA extension (``grape_kernels.cuda_ops``), and as the PyTorch reference.
+Routing backends (``fn(logits, spec: RoutingSpec) -> (ids int32, weights float32)``):
+``cuda`` (the compiled extension, ``grape_kernels.cuda_ops``), ``triton`` and ``reference``.
+
+Selection is data, not a switch on names: a backend's ``priority`` ranks it per device type
+for ``"auto"``, and a routing backend's ``pairs_with`` names the experts backends it is
+swapped in beside (a fused routing kernel is worth it only next to a GPU experts kernel; on
+the CPU the model's own PyTorch router already is what a kernel would be). ``usable(device)``
+answers ``(ok, reason)``, so :func:`backend_status` and errors say why a backend was skipped.
+A new backend is one :func:`register_backend` call (see ``grape_kernels/README.md``).
 
 Optional kernels are imported lazily, on first use, so a CPU-only install never imports
 Triton and the registry itself costs nothing to import.
@@ -24,22 +31,23 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
-from types import ModuleType
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType, ModuleType
 
 import torch
 from torch import nn
 
-from grape_kernels.ops.common import ExpertsFn
+from grape_kernels.expert_weights import ExpertWeights
+from grape_kernels.routing import RoutingSpec
 
 __all__ = [
     "Backend",
-    "ExpertWeights",
+    "KINDS",
     "RouteFn",
     "available_backends",
     "backend_names",
+    "backend_status",
     "experts_forward",
     "get_backend",
     "register_backend",
@@ -49,7 +57,10 @@ __all__ = [
     "select_routing_backend",
 ]
 
-RouteFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+RouteFn = Callable[[torch.Tensor, RoutingSpec], tuple[torch.Tensor, torch.Tensor]]
+Usability = tuple[bool, str]
+KINDS = ("experts", "routing")
+_ANY_DEVICE = "*"
 
 
 @functools.cache
@@ -61,39 +72,73 @@ def _import(module: str) -> ModuleType | None:
         return None
 
 
-def _triton_usable(device: torch.device) -> bool:
+def _everywhere(device: torch.device) -> Usability:
+    return True, ""
+
+
+def _cpu_only(device: torch.device) -> Usability:
+    return (True, "") if device.type == "cpu" else (False, "runs on CPU tensors only")
+
+
+def _triton_usable(device: torch.device) -> Usability:
     """Triton kernels run on CUDA, or anywhere under the interpreter (how this project tests them)."""
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    return _import("grape_kernels.triton") is not None
+        return False, "Triton kernels run on CUDA devices (or anywhere under TRITON_INTERPRET=1)"
+    if _import("grape_kernels.triton") is None:
+        return False, "Triton is not installed (pip install triton)"
+    return True, ""
 
 
-def _cuda_routing_usable(device: torch.device) -> bool:
+def _cuda_ops_usable(device: torch.device) -> Usability:
+    if device.type != "cuda":
+        return False, "the CUDA extension runs on CUDA devices only"
     cuda_ops = _import("grape_kernels.cuda_ops")
-    return device.type == "cuda" and cuda_ops is not None and cuda_ops.available()
+    if cuda_ops is None or not cuda_ops.available():
+        return False, "grape_kernels._C is not built (install with a CUDA toolkit: pip install --no-build-isolation .)"
+    return True, ""
 
 
 @dataclass(frozen=True)
 class Backend:
-    """One experts implementation.
+    """One implementation of a MoE layer's experts or routing.
 
     Attributes:
-        name: registry key (``backend=`` argument everywhere).
-        load: returns the experts function; called on first use so optional kernels import lazily.
-        usable: whether the backend can run on a device in this process.
+        name: registry key within its kind (``backend=`` argument everywhere).
+        kind: ``"experts"`` or ``"routing"``.
+        load: returns the backend's function; called on first use so optional kernels import lazily.
+        usable: ``(ok, reason)``: whether the backend can run on a device in this process, and
+            if not, why (shown to users).
+        priority: rank for automatic selection per device type (``"*"``: any device); higher
+            wins, and a device type it does not list (nor ``"*"``) never selects it automatically.
+        pairs_with: routing backends only: the experts backends it is swapped in beside.
     """
 
     name: str
-    load: Callable[[], ExpertsFn]
-    usable: Callable[[torch.device], bool]
+    kind: str
+    load: Callable[[], Callable]
+    usable: Callable[[torch.device], Usability]
+    priority: Mapping[str, int] = field(default_factory=dict)
+    pairs_with: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"backend {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        object.__setattr__(self, "priority", MappingProxyType(dict(self.priority)))
+
+    def rank(self, device: torch.device) -> int | None:
+        """Priority on ``device`` for automatic selection; None when never chosen automatically."""
+        return self.priority.get(device.type, self.priority.get(_ANY_DEVICE))
 
 
-_BACKENDS: dict[str, Backend] = {}
+_BACKENDS: dict[tuple[str, str], Backend] = {}
+_LOADED: dict[str, Callable] = {}  # experts functions by name, for experts_forward
+_RESOLVED: dict[tuple[str, str], str] = {}  # (backend asked for, device) -> experts backend name
 
 
 def register_backend(backend: Backend) -> None:
-    """Add (or replace) a backend under ``backend.name``."""
-    _BACKENDS[backend.name] = backend
+    """Add (or replace) a backend under ``(backend.kind, backend.name)``."""
+    _BACKENDS[backend.kind, backend.name] = backend
+    _RESOLVED.clear()
 
 
 def _load(module: str, attr: str) -> Callable[[], Callable]:
@@ -108,161 +153,103 @@ def _load(module: str, attr: str) -> Callable[[], Callable]:
     return load
 
 
-register_backend(Backend("triton", _load("grape_kernels.triton", "fused_experts"), _triton_usable))
-register_backend(Backend("cpu", _load("grape_kernels.ops.cpu", "cpu_experts"), lambda d: d.type == "cpu"))
-register_backend(Backend("dense", _load("grape_kernels.ops.dense", "dense_experts"), lambda d: True))
-register_backend(Backend("reference", _load("grape_kernels.ops.reference", "reference_experts"), lambda d: True))
+for _backend in (
+    Backend("triton", "experts", _load("grape_kernels.triton", "fused_experts"), _triton_usable, {"cuda": 30}),
+    Backend("cpu", "experts", _load("grape_kernels.ops.cpu", "cpu_experts"), _cpu_only, {"cpu": 20}),
+    Backend("dense", "experts", _load("grape_kernels.ops.dense", "dense_experts"), _everywhere, {_ANY_DEVICE: 10}),
+    Backend("reference", "experts", _load("grape_kernels.ops.reference", "reference_experts"), _everywhere),
+    Backend("cuda", "routing", _load("grape_kernels.cuda_ops", "route_topk"), _cuda_ops_usable, {"cuda": 20},
+            pairs_with=("triton",)),
+    Backend("triton", "routing", _load("grape_kernels.triton", "route_topk"), _triton_usable, {_ANY_DEVICE: 10},
+            pairs_with=("triton",)),
+    Backend("reference", "routing", _load("grape_kernels.ops.reference", "reference_route_topk"), _everywhere,
+            {_ANY_DEVICE: 1}, pairs_with=("reference",)),
+):
+    register_backend(_backend)
 
 
-def backend_names() -> list[str]:
-    return list(_BACKENDS)
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown backend kind {kind!r}; expected one of {KINDS}")
 
 
-def get_backend(name: str) -> Backend:
-    """The backend registered as ``name``, or a ``ValueError`` listing the registered ones."""
+def backend_names(kind: str = "experts") -> list[str]:
+    _check_kind(kind)
+    return [name for backend_kind, name in _BACKENDS if backend_kind == kind]
+
+
+def get_backend(name: str, kind: str = "experts") -> Backend:
+    """The ``kind`` backend registered as ``name``, or a ``ValueError`` listing the registered ones."""
+    _check_kind(kind)
     try:
-        return _BACKENDS[name]
+        return _BACKENDS[kind, name]
     except KeyError:
-        raise ValueError(f"unknown experts backend {name!r}; registered: {backend_names()} (or 'auto')") from None
+        raise ValueError(
+            f"unknown {kind} backend {name!r}; registered: {backend_names(kind)} (or 'auto')"
+        ) from None
 
 
-def available_backends(device: torch.device | str) -> list[str]:
-    """Backends that can run on ``device`` in this process."""
+def backend_status(device: torch.device | str, kind: str = "experts") -> dict[str, Usability]:
+    """``{name: (ok, reason)}`` of every ``kind`` backend on ``device``: what runs there, and why not."""
     device = torch.device(device)
-    return [name for name, backend in _BACKENDS.items() if backend.usable(device)]
+    return {name: get_backend(name, kind).usable(device) for name in backend_names(kind)}
+
+
+def available_backends(device: torch.device | str, kind: str = "experts") -> list[str]:
+    """Names of the ``kind`` backends that can run on ``device`` in this process."""
+    return [name for name, (ok, _) in backend_status(device, kind).items() if ok]
+
+
+def _best(candidates: list[Backend], device: torch.device) -> Backend | None:
+    ranked = [(backend.rank(device), backend) for backend in candidates if backend.rank(device) is not None]
+    ranked = [(rank, backend) for rank, backend in ranked if backend.usable(device)[0]]
+    return max(ranked, key=lambda item: item[0])[1] if ranked else None
 
 
 def select_backend(device: torch.device | str) -> str:
-    """Default backend for tensors on ``device``.
+    """Default experts backend for tensors on ``device``: the usable one of highest priority.
 
     CUDA: ``triton`` when it imports, else ``dense`` (the one fallback without host syncs).
     CPU: ``cpu``. Other devices: ``dense``.
     """
     device = torch.device(device)
-    if device.type == "cuda":
-        return "triton" if _triton_usable(device) else "dense"
-    return "cpu" if device.type == "cpu" else "dense"
+    best = _best([b for (kind, _), b in _BACKENDS.items() if kind == "experts"], device)
+    if best is None:
+        raise ValueError(f"no experts backend can run on {device}: {backend_status(device)}")
+    return best.name
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> Backend:
-    """The backend ``backend`` names (``"auto"``: chosen by device), checked to run on ``device``."""
+    """The experts backend ``backend`` names (``"auto"``: chosen by device), checked to run on ``device``."""
     device = torch.device(device)
     resolved = get_backend(select_backend(device) if backend == "auto" else backend)
-    if not resolved.usable(device):
+    ok, reason = resolved.usable(device)
+    if not ok:
         raise ValueError(
-            f"experts backend {resolved.name!r} cannot run on {device} in this process; "
+            f"experts backend {resolved.name!r} cannot run on {device} in this process ({reason}); "
             f"usable there: {available_backends(device)}"
         )
     return resolved
 
 
-# ---- routing -----------------------------------------------------------------------------
-_ROUTING: dict[str, Callable[[], RouteFn]] = {
-    "cuda": _load("grape_kernels.cuda_ops", "route_topk"),
-    "triton": _load("grape_kernels.triton", "route_topk"),
-    "reference": _load("grape_kernels.ops.reference", "reference_route_topk"),
-}
-
-
 def select_routing_backend(device: torch.device | str, backend: str = "auto") -> str | None:
-    """Routing kernel to pair with experts ``backend`` on ``device``; None keeps the model's router.
+    """Routing backend to pair with experts ``backend`` on ``device``; None keeps the model's router.
 
-    A fused routing kernel is worth swapping in only beside a GPU experts backend (the compiled
-    CUDA op when it is built, else Triton); ``reference`` pairs with the reference routing so a
-    whole model can run on the oracle. On the CPU the model's own PyTorch router is already
-    what a "kernel" would be, so ``cpu`` and ``dense`` keep it.
+    The usable routing backend of highest priority whose ``pairs_with`` names the experts
+    backend: beside ``triton`` the compiled CUDA op when it is built, else Triton's;
+    ``reference`` pairs with the reference routing so a whole model can run on the oracle;
+    ``cpu`` and ``dense`` pair with none.
     """
     device = torch.device(device)
     name = select_backend(device) if backend == "auto" else get_backend(backend).name
-    if name == "reference":
-        return "reference"
-    if name == "triton":
-        return "cuda" if _cuda_routing_usable(device) else "triton"
-    return None
+    candidates = [b for (kind, _), b in _BACKENDS.items() if kind == "routing" and name in b.pairs_with]
+    best = _best(candidates, device)
+    return None if best is None else best.name
 
 
 def routing_function(name: str) -> RouteFn:
-    """The ``route_topk``-compatible function of routing backend ``name``."""
-    if name not in _ROUTING:
-        raise ValueError(f"unknown routing backend {name!r}; registered: {list(_ROUTING)}")
-    return _ROUTING[name]()
-
-
-# ---- weights -----------------------------------------------------------------------------
-@functools.cache
-def _gate_kind(experts_class: type) -> str:
-    """How a transformers experts class gates: ``"gpt_oss"``, ``"default"`` or ``"custom"``.
-
-    ``use_experts_implementation`` installs ``_default_apply_gate`` (``act_fn(gate) * up``) on
-    classes without their own; it is recognised by name and module so this file need not
-    import transformers. Cached per class: it is asked on every layer call.
-    """
-    if any(c.__name__ == "GptOssExperts" for c in experts_class.__mro__):
-        return "gpt_oss"
-    gate = getattr(experts_class, "_apply_gate", None)
-    default = (getattr(gate, "__name__", None), getattr(gate, "__module__", None)) == (
-        "_default_apply_gate",
-        "transformers.integrations.moe",
-    )
-    return "default" if default else "custom"
-
-
-class ExpertWeights(NamedTuple):
-    """The tensors and layout flags of one experts layer, as ``fused_experts`` takes them.
-
-    A named tuple rather than a dataclass: the transformers integration builds one per layer
-    call, and tuple construction is the cheapest immutable record Python has.
-    """
-
-    w_gate_up: torch.Tensor
-    w_down: torch.Tensor
-    gate_up_bias: torch.Tensor | None = None
-    down_bias: torch.Tensor | None = None
-    activation: str = "silu"
-    swiglu_alpha: float = 1.702
-    swiglu_limit: float = 7.0
-    transposed: bool = False
-    interleaved: bool = False
-
-    @classmethod
-    def from_module(cls, experts: nn.Module) -> ExpertWeights:
-        """Read a transformers experts module (one decorated by ``use_experts_implementation``).
-
-        The flags the decorator sets say how the weights are stored; the gated activation is
-        identified from the module (GPT-OSS's clamped SwiGLU, or the default ``act_fn(gate) *
-        up`` with SiLU). Anything else raises rather than being computed with the wrong math.
-        """
-        w_gate_up = getattr(experts, "gate_up_proj", None)
-        if w_gate_up is None or not getattr(experts, "has_gate", True):
-            raise ValueError(f"{type(experts).__name__} has no fused gate_up_proj; grape kernels need gated experts")
-        if getattr(experts, "has_post_expert_norm", False):
-            raise ValueError(f"{type(experts).__name__} applies a post-expert norm, which grape kernels do not implement")
-        if getattr(experts, "_is_expert_parallel", False):
-            raise ValueError(f"{type(experts).__name__} is expert-parallel; grape kernels need all experts local")
-        gate = _gate_kind(type(experts))
-        if gate == "gpt_oss":
-            activation, alpha, limit = "gpt_oss", float(experts.alpha), float(experts.limit)
-        elif gate == "custom":
-            raise ValueError(f"{type(experts).__name__} defines its own _apply_gate, which grape kernels do not implement")
-        elif type(experts.act_fn).__name__ in ("SiLU", "SiLUActivation"):
-            activation, alpha, limit = "silu", 1.702, 7.0
-        else:
-            raise ValueError(
-                f"{type(experts).__name__} uses activation {type(experts.act_fn).__name__}; grape kernels "
-                "implement SiLU-gated experts and GPT-OSS's clamped SwiGLU"
-            )
-        has_bias = getattr(experts, "has_bias", False)
-        return cls(
-            w_gate_up,
-            experts.down_proj,
-            experts.gate_up_proj_bias if has_bias else None,
-            experts.down_proj_bias if has_bias else None,
-            activation,
-            alpha,
-            limit,
-            getattr(experts, "is_transposed", False),
-            not getattr(experts, "is_concatenated", True),
-        )
+    """The ``fn(logits, spec) -> (ids, weights)`` function of routing backend ``name``."""
+    return get_backend(name, "routing").load()
 
 
 def experts_forward(
@@ -277,9 +264,8 @@ def experts_forward(
     """Run one routed-experts layer (T, H) -> (T, H) on ``backend`` (``"auto"``: by device).
 
     ``module_or_weights`` is a transformers experts module, an :class:`ExpertWeights`, or a
-    ``(w_gate_up, w_down)`` pair; only the pair takes layout keywords (``gate_up_bias``,
-    ``down_bias``, ``activation``, ``swiglu_alpha``, ``swiglu_limit``, ``transposed``,
-    ``interleaved``), the other two carry their own.
+    ``(w_gate_up, w_down)`` pair; only the pair takes layout keywords (the other
+    :class:`ExpertWeights` fields), the other two carry their own.
     """
     if isinstance(module_or_weights, nn.Module):
         weights = ExpertWeights.from_module(module_or_weights)
@@ -291,10 +277,21 @@ def experts_forward(
         layout = {}
     if layout:
         raise TypeError(f"layout keywords {sorted(layout)} only apply to a (w_gate_up, w_down) pair")
-    fn = resolve_backend(backend, hidden.device).load()
-    return fn(
-        hidden, weights.w_gate_up, weights.w_down, topk_ids, topk_weights,
-        gate_up_bias=weights.gate_up_bias, down_bias=weights.down_bias, activation=weights.activation,
-        swiglu_alpha=weights.swiglu_alpha, swiglu_limit=weights.swiglu_limit, transposed=weights.transposed,
-        interleaved=weights.interleaved,
-    )
+    return _LOADED[_resolve_loaded(backend, str(hidden.device))](hidden, weights, topk_ids, topk_weights)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_loaded(backend: str, device: str) -> str:
+    """:func:`resolve_backend`'s name, with the backend's function loaded into ``_LOADED``.
+
+    Asked on every layer call, so answers are remembered per (backend, device) until the
+    registry changes (the lookup cost a decode step of a small pruned model 5%). torch.compile
+    runs this once while tracing (imports and registry lookups are not traceable) and keeps
+    its answer for the compiled graph: the backend is chosen when a model is compiled.
+    """
+    name = _RESOLVED.get((backend, device))
+    if name is None:
+        resolved = resolve_backend(backend, device)
+        _LOADED[resolved.name] = resolved.load()
+        name = _RESOLVED[backend, device] = resolved.name
+    return name

@@ -16,18 +16,18 @@ from __future__ import annotations
 import torch
 
 from grape_kernels.kernel_checks import check_align_args, check_route_args
+from grape_kernels.library import align_op, routing_op
+from grape_kernels.routing import MODE_CODES, RoutingSpec
 
 try:
     from grape_kernels import _C
 except ImportError:
     _C = None
 
-__all__ = ["available", "route_topk", "align_block_size", "ROUTING_MODES", "MAX_TOP_K", "MAX_GROUPS"]
+__all__ = ["available", "route_topk", "align_block_size", "MAX_TOP_K", "MAX_GROUPS"]
 
-ROUTING_MODES = ("softmax_topk", "topk_softmax", "sigmoid_group")
 MAX_TOP_K = 32  # grape::kMaxTopK in csrc/moe_kernels.h
 MAX_GROUPS = 32  # grape::kMaxGroups
-_MODE_CODES = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_group": 2}
 
 
 def available() -> bool:
@@ -45,52 +45,44 @@ def _require_device(tensor: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a CUDA tensor for the cuda backend, got device {tensor.device}")
 
 
-def route_topk(
-    logits: torch.Tensor,
-    top_k: int,
-    *,
-    mode: str = "softmax_topk",
-    renormalize: bool = False,
-    scaling: float = 1.0,
-    correction_bias: torch.Tensor | None = None,
-    n_group: int = 1,
-    topk_group: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@routing_op("cuda")
+def route_topk(logits: torch.Tensor, spec: RoutingSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Route every token on the GPU: ids ``(T, k)`` int32 and weights ``(T, k)`` float32.
 
-    Same semantics as :func:`grape_kernels.triton.route_topk` (and :func:`grape_kernels.routing.route`);
-    ties resolve to the lowest expert id.
+    Same contract as :func:`grape_kernels.triton.route_topk` (and semantics as
+    :func:`grape_kernels.routing.route`); ties resolve to the lowest expert id.
     """
-    check_route_args(logits, top_k, mode, correction_bias, n_group, topk_group)
-    if top_k > MAX_TOP_K:
-        raise ValueError(f"the CUDA router supports top_k <= {MAX_TOP_K}, got {top_k}")
-    if n_group > MAX_GROUPS:
-        raise ValueError(f"the CUDA router supports n_group <= {MAX_GROUPS}, got {n_group}")
+    mode = check_route_args(logits, spec)
+    if spec.top_k > MAX_TOP_K:
+        raise ValueError(f"the CUDA router supports top_k <= {MAX_TOP_K}, got {spec.top_k}")
+    if spec.n_group > MAX_GROUPS:
+        raise ValueError(f"the CUDA router supports n_group <= {MAX_GROUPS}, got {spec.n_group}")
     _require_device(logits, "logits")
     tokens = logits.shape[0]
-    ids = torch.empty((tokens, top_k), dtype=torch.int32, device=logits.device)
-    weights = torch.empty((tokens, top_k), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((tokens, spec.top_k), dtype=torch.int32, device=logits.device)
+    weights = torch.empty((tokens, spec.top_k), dtype=torch.float32, device=logits.device)
     if tokens == 0:
         return ids, weights
     # The kernel reads the (E,)-sized bias as contiguous fp32; converting it is negligible.
-    bias = None if correction_bias is None else correction_bias.to(torch.float32).contiguous()
+    bias = None if spec.correction_bias is None else spec.correction_bias.to(torch.float32).contiguous()
     with torch.cuda.device(logits.device):
         _C.route_topk(
             logits,
             bias,
             ids,
             weights,
-            top_k,
-            _MODE_CODES[mode],
-            bool(renormalize),
-            float(scaling),
-            n_group,
-            topk_group,
+            spec.top_k,
+            MODE_CODES[mode],
+            bool(spec.renormalize) and mode != "topk_softmax",
+            float(spec.scaling),
+            spec.n_group,
+            spec.topk_group,
             torch.cuda.current_stream(logits.device).cuda_stream,
         )
     return ids, weights
 
 
+@align_op("cuda")
 def align_block_size(
     topk_ids: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,27 +13,33 @@ Two ways in:
    (whatever the model's ``experts_implementation``) and, where that backend has a fused
    routing kernel, replaces the routers too.
 
-The grape kernels are inference kernels. When autograd is recording through the experts (a
-forward outside ``torch.no_grad()`` on a model whose parameters require grad), the "grape"
-implementation hands the call to transformers' differentiable ``grouped_mm`` instead of
-failing, and says so once.
+Both compile with ``torch.compile(model, fullgraph=True)``: the kernels are custom ops
+(``grape_kernels.library``) and the backend is resolved once while tracing.
+
+Two cases run transformers' own code instead, whole, with a one-time notice (never an error):
+
+- autograd is recording (a forward outside ``torch.no_grad()`` where the hidden states or the
+  layer's parameters require grad): the grape kernels are inference kernels, so experts run
+  transformers' differentiable ``grouped_mm`` and swapped routers their own forward; every
+  parameter then gets exactly the gradient it gets without grape;
+- an experts module whose math the kernels do not fuse (an activation other than SiLU or
+  GPT-OSS's clamped SwiGLU, a custom gate, a post-expert norm, expert parallelism: see
+  ``grape_kernels.expert_weights.unsupported_reason``): its calls run ``grouped_mm``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import types
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
+from grape_kernels.architectures import MoEAdapter, UnsupportedModelError, get_adapter
 from grape_kernels.backends import (
-    ExpertWeights,
     RouteFn,
     experts_forward,
     get_backend,
@@ -41,6 +47,8 @@ from grape_kernels.backends import (
     routing_function,
     select_routing_backend,
 )
+from grape_kernels.expert_weights import ExpertWeights, unsupported_reason
+from grape_kernels.routing import RoutingSpec, kernel_mode
 
 __all__ = ["EXPERTS_IMPLEMENTATION", "grape_experts_forward", "register", "swap_moe_blocks"]
 
@@ -49,31 +57,42 @@ logger = logging.getLogger(__name__)
 #: Name under which grape registers in transformers' ``ExpertsInterface``.
 EXPERTS_IMPLEMENTATION = "grape"
 
-_warned_autograd = False
+_noticed: set[str] = set()
 
 
-def _needs_autograd(experts: nn.Module, hidden: torch.Tensor, weights: torch.Tensor) -> bool:
-    """Whether autograd records this call (checked per layer call, so without ``parameters()``)."""
-    if not torch.is_grad_enabled():
-        return False
-    tensors = [hidden, weights, experts.gate_up_proj, experts.down_proj]
-    if getattr(experts, "has_bias", False):
-        tensors += [experts.gate_up_proj_bias, experts.down_proj_bias]
-    return any(t.requires_grad for t in tensors)
+def _notice_once(message: str) -> None:
+    """Log ``message`` the first time it comes up (never while torch.compile traces)."""
+    if torch.compiler.is_compiling() or message in _noticed:
+        return
+    _noticed.add(message)
+    logger.warning(message)
+
+
+def _records_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records a call on ``tensors`` (checked per call, so without ``parameters()``)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _fallback_reason(experts: nn.Module, hidden: torch.Tensor, weights: torch.Tensor) -> str | None:
+    """Why this call must run transformers' own path, or None when grape's kernels can run it."""
+    reason = unsupported_reason(experts)
+    if reason is not None:
+        return reason
+    biases = (experts.gate_up_proj_bias, experts.down_proj_bias) if getattr(experts, "has_bias", False) else ()
+    if _records_autograd(hidden, weights, experts.gate_up_proj, experts.down_proj, *biases):
+        return "autograd is recording and grape's experts kernels are inference-only"
+    return None
 
 
 def _run(experts: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, backend: str):
-    global _warned_autograd
-    if _needs_autograd(experts, hidden, weights):
-        if not _warned_autograd:
-            logger.warning(
-                "grape experts kernels are inference-only and autograd is recording; using "
-                "transformers' grouped_mm for these calls (run under torch.no_grad() or "
-                "torch.inference_mode() to use grape)"
-            )
-            _warned_autograd = True
+    reason = _fallback_reason(experts, hidden, weights)
+    if reason is not None:
+        _notice_once(
+            f"{reason}; these calls run transformers' grouped_mm experts instead (grape's kernels "
+            "run under torch.no_grad() / torch.inference_mode() on SiLU or GPT-OSS experts)"
+        )
         return grouped_mm_experts_forward(experts, hidden, ids, weights)
-    return experts_forward(experts, hidden, ids, weights, backend=backend)
+    return experts_forward(ExpertWeights.read_supported(experts), hidden, ids, weights, backend=backend)
 
 
 def grape_experts_forward(
@@ -89,75 +108,41 @@ def register() -> None:
 
 
 # ---- swapping modules of a loaded model --------------------------------------------------
-@dataclass(frozen=True)
-class _RouterRule:
-    """How one transformers router class maps onto ``route_topk``.
+def _router_spec(adapter: MoEAdapter, config, router: nn.Module) -> RoutingSpec | None:
+    """The routing rule a kernel must reproduce for ``router``, or None to keep its own forward.
 
-    Attributes:
-        mode: ``route_topk`` mode.
-        float32_logits: the router computes its logits in float32 (DeepSeek) rather than in
-            the model dtype.
-        weights_in_logits_dtype: the router casts its weights back to the logits dtype
-            (Qwen, OLMoE, GPT-OSS) instead of returning float32 (Mixtral, DeepSeek).
-        kwargs: the remaining ``route_topk`` arguments, read from the router module per call
-            (so they follow the module across devices and edits).
+    The rule is the architecture record's (``adapter.routing_spec``); a router of another
+    class than the record names (a changed upstream class) or a rule no routing kernel
+    implements (``grape_kernels.routing.kernel_mode`` refuses it) keeps the router's own forward.
     """
-
-    mode: str
-    float32_logits: bool
-    weights_in_logits_dtype: bool
-    kwargs: Callable[[nn.Module], dict]
-
-
-def _softmax_kwargs(router: nn.Module) -> dict:
-    return {"renormalize": bool(router.norm_topk_prob)}
-
-
-_ROUTER_RULES: dict[str, _RouterRule] = {
-    "MixtralTopKRouter": _RouterRule("softmax_topk", False, False, lambda r: {"renormalize": True}),
-    "Qwen2MoeTopKRouter": _RouterRule("softmax_topk", False, True, _softmax_kwargs),
-    "Qwen3MoeTopKRouter": _RouterRule("softmax_topk", False, True, _softmax_kwargs),
-    "OlmoeTopKRouter": _RouterRule("softmax_topk", False, True, _softmax_kwargs),
-    "DeepseekV3TopkRouter": _RouterRule(
-        "sigmoid_group", True, False,
-        lambda r: {
-            "renormalize": bool(r.norm_topk_prob),
-            "scaling": float(r.routed_scaling_factor),
-            "correction_bias": r.e_score_correction_bias,
-            "n_group": int(r.num_group),
-            "topk_group": int(r.topk_group),
-        },
-    ),
-    # Only greedy DeepSeek-V2 routing maps onto route_topk (see _router_rule).
-    "DeepseekV2TopkRouter": _RouterRule(
-        "softmax_topk", True, False, lambda r: {"scaling": float(r.routed_scaling_factor)}
-    ),
-    "GptOssTopKRouter": _RouterRule("topk_softmax", False, True, lambda r: {}),
-}
-
-
-def _router_rule(router: nn.Module) -> _RouterRule | None:
-    """The rule for ``router``, or None when no routing kernel reproduces it.
-
-    DeepSeek-V2's ``group_limited_greedy`` scores groups by their best *softmax* score, a rule
-    ``route_topk`` does not offer (its group-limited mode is DeepSeek-V3's sigmoid rule), so
-    such routers keep their own forward.
-    """
-    rule = _ROUTER_RULES.get(type(router).__name__)
-    if rule is not None and type(router).__name__ == "DeepseekV2TopkRouter" and router.topk_method != "greedy":
+    if type(router).__name__ != adapter.router_class:
         return None
-    return rule
+    spec = adapter.routing_spec(config)
+    try:
+        kernel_mode(spec)
+    except ValueError:
+        return None
+    return spec
 
 
-def _routed_forward(self: nn.Module, hidden_states: torch.Tensor, *, rule: _RouterRule, route: RouteFn):
-    """Router forward through a ``route_topk`` kernel; same outputs as the transformers router."""
+def _routed_forward(self: nn.Module, hidden_states: torch.Tensor, *, adapter: MoEAdapter, spec: RoutingSpec,
+                    route: RouteFn):
+    """Router forward through a routing kernel; same outputs as the transformers router.
+
+    The correction bias is read from the router on every call, so it follows the module
+    across devices and edits.
+    """
+    if _records_autograd(hidden_states, self.weight):
+        _notice_once(
+            "autograd is recording and grape's routing kernels are inference-only; swapped routers run "
+            "their own (transformers') forward for these calls"
+        )
+        return type(self).forward(self, hidden_states)
     hidden = hidden_states.reshape(-1, self.weight.shape[1])
-    if rule.float32_logits:
-        logits = F.linear(hidden.float(), self.weight.float())
-    else:
-        logits = F.linear(hidden, self.weight, getattr(self, "bias", None))
-    ids, weights = route(logits, self.top_k, mode=rule.mode, **rule.kwargs(self))
-    if rule.weights_in_logits_dtype:
+    logits = adapter.logits_of_router(self, hidden)
+    bias = getattr(self, "e_score_correction_bias", None)
+    ids, weights = route(logits, spec if bias is None else dataclasses.replace(spec, correction_bias=bias))
+    if adapter.router_weights_in_logits_dtype:
         weights = weights.to(logits.dtype)
     return logits, weights, ids.long()
 
@@ -181,12 +166,16 @@ def swap_moe_blocks(model: nn.Module, backend: str = "auto", *, route_fn: RouteF
     each call's tensors; or ``"cpu"``, ``"dense"``, ``"reference"``, ``"triton"``), regardless
     of the model's ``experts_implementation``. Routers are replaced by a fused routing kernel
     where the backend has one (``select_routing_backend``; ``route_fn`` overrides the choice
-    with any ``route_topk``-compatible function) and the router's rule maps onto it; other
+    with any ``route_fn(logits, spec) -> (ids, weights)`` function) and the architecture's
+    routing rule (its record in ``grape_kernels.architectures``) maps onto a kernel; other
     routers keep their own forward.
 
+    Experts modules whose math the kernels do not fuse keep running transformers'
+    ``grouped_mm`` (said once, here); their routers are still swapped.
+
     Raises:
-        ValueError: unknown backend, a model without transformers experts modules, or an
-            experts module whose math grape does not implement (checked before any change).
+        ValueError: unknown backend, a backend that cannot run where the model is, or a model
+            without transformers experts modules (checked before any change).
     """
     if backend != "auto":
         get_backend(backend)
@@ -199,21 +188,27 @@ def swap_moe_blocks(model: nn.Module, backend: str = "auto", *, route_fn: RouteF
             "use_experts_implementation)"
         )
     for experts in blocks.values():
-        ExpertWeights.from_module(experts)
         if backend != "auto":
             resolve_backend(backend, experts.gate_up_proj.device)
+    for reason in sorted({r for r in map(unsupported_reason, blocks.values()) if r is not None}):
+        _notice_once(f"{reason}; those experts run transformers' grouped_mm instead of grape's kernels")
+    try:
+        adapter = get_adapter(model.config)
+    except UnsupportedModelError:
+        adapter = None  # an architecture without a record: experts are swapped, routers kept
     for block_name, experts in blocks.items():
         experts.grape_backend = backend
         experts.forward = types.MethodType(_swapped_experts_forward, experts)
-        for router in model.get_submodule(block_name).children():
-            rule = _router_rule(router)
-            if rule is None:
+        router = None if adapter is None else getattr(model.get_submodule(block_name), adapter.router_attr, None)
+        spec = None if router is None else _router_spec(adapter, model.config, router)
+        if spec is None:
+            continue
+        route = route_fn
+        if route is None:
+            routing_backend = select_routing_backend(router.weight.device, backend)
+            if routing_backend is None:
                 continue
-            route = route_fn
-            if route is None:
-                routing_backend = select_routing_backend(router.weight.device, backend)
-                if routing_backend is None:
-                    continue
-                route = routing_function(routing_backend)
-            router.forward = types.MethodType(functools.partial(_routed_forward, rule=rule, route=route), router)
+            route = routing_function(routing_backend)
+        forward = functools.partial(_routed_forward, adapter=adapter, spec=spec, route=route)
+        router.forward = types.MethodType(forward, router)
     return model

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from grape_kernels.expert_weights import ACTIVATIONS, ExpertWeights
+from grape_kernels.routing import RoutingSpec, kernel_mode
+
 __all__ = [
-    "ROUTING_MODES",
     "FLOAT_DTYPES",
     "ExpertsProblem",
     "check_route_args",
@@ -26,10 +28,8 @@ __all__ = [
     "check_experts_args",
 ]
 
-ROUTING_MODES = ("softmax_topk", "topk_softmax", "sigmoid_group")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ID_DTYPES = (torch.int32, torch.int64)
-ACTIVATIONS = ("silu", "gpt_oss")
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -45,57 +45,41 @@ def _check_same_device(name: str, tensor: torch.Tensor, reference: torch.Tensor,
         raise ValueError(f"{name} is on {tensor.device} but {ref_name} is on {reference.device}")
 
 
-def check_route_args(
-    logits: torch.Tensor,
-    top_k: int,
-    mode: str,
-    correction_bias: torch.Tensor | None,
-    n_group: int,
-    topk_group: int,
-) -> None:
-    """Validate a ``route_topk`` call; raises ``ValueError`` naming the offending argument.
+def check_route_args(logits: torch.Tensor, spec: RoutingSpec) -> str:
+    """Validate a ``route_topk(logits, spec)`` call and return the kernel mode that computes it.
 
-    Group-limited selection and the correction bias are DeepSeek-V3 features and only accepted
-    with ``mode="sigmoid_group"``; silently ignoring them in another mode would route
-    differently from the architecture the caller thinks it is running.
+    Raises:
+        ValueError: naming the offending argument, or the rule no routing kernel implements
+            (see :func:`grape_kernels.routing.kernel_mode`); every routing backend calls this,
+            so they all refuse the same specs the same way.
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"router logits must be a 2-D (tokens, experts) tensor, got {shape}")
     if logits.dtype not in FLOAT_DTYPES:
         raise ValueError(f"router logits must be float16/bfloat16/float32, got {logits.dtype}")
-    if mode not in ROUTING_MODES:
-        raise ValueError(f"unknown routing mode {mode!r}; expected one of {ROUTING_MODES}")
+    mode = kernel_mode(spec)
     num_experts = logits.shape[1]
     if num_experts < 1:
         raise ValueError("router logits have zero experts")
-    _check_int("top_k", top_k, 1)
+    top_k = _check_int("top_k", spec.top_k, 1)
     if top_k > num_experts:
         raise ValueError(f"top_k={top_k} exceeds the number of experts E={num_experts}")
-    _check_int("n_group", n_group, 1)
-    _check_int("topk_group", topk_group, 1)
-    if mode != "sigmoid_group":
-        if correction_bias is not None:
-            raise ValueError(f"correction_bias is only used by mode='sigmoid_group', not {mode!r}")
-        if n_group != 1:
-            raise ValueError(f"group-limited routing (n_group={n_group}) needs mode='sigmoid_group'")
-        return
-    if correction_bias is not None:
-        if not isinstance(correction_bias, torch.Tensor) or correction_bias.shape != (num_experts,):
-            shape = tuple(correction_bias.shape) if isinstance(correction_bias, torch.Tensor) else None
+    n_group = _check_int("n_group", spec.n_group, 1)
+    topk_group = _check_int("topk_group", spec.topk_group, 1)
+    bias = spec.correction_bias
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (num_experts,):
+            shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else None
             raise ValueError(f"correction_bias must have shape ({num_experts},), got {shape}")
-        if correction_bias.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"correction_bias must be a float tensor, got {correction_bias.dtype}")
-        _check_same_device("correction_bias", correction_bias, logits, "logits")
+        if bias.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"correction_bias must be a float tensor, got {bias.dtype}")
+        _check_same_device("correction_bias", bias, logits, "logits")
     if num_experts % n_group != 0:
         raise ValueError(f"E={num_experts} experts cannot be split into n_group={n_group} equal groups")
     if topk_group > n_group:
         raise ValueError(f"topk_group={topk_group} exceeds n_group={n_group}")
-    eligible = topk_group * (num_experts // n_group)
-    if top_k > eligible:
-        raise ValueError(
-            f"top_k={top_k} exceeds the {eligible} experts in the best topk_group={topk_group} groups"
-        )
+    return mode
 
 
 def check_align_args(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> None:
@@ -142,22 +126,16 @@ def _check_float(name: str, tensor: object) -> torch.Tensor:
 
 
 def check_experts_args(
-    hidden: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    gate_up_bias: torch.Tensor | None,
-    down_bias: torch.Tensor | None,
-    activation: str,
-    transposed: bool,
+    hidden: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor, topk_weights: torch.Tensor
 ) -> ExpertsProblem:
     """Validate a ``fused_experts`` call and return its sizes.
 
-    Layouts are those transformers stores: ``transposed=False`` means ``w_gate_up`` (E, 2I, H)
-    and ``w_down`` (E, H, I) (Mixtral, Qwen, OLMoE, DeepSeek); ``transposed=True`` means
-    ``w_gate_up`` (E, H, 2I) and ``w_down`` (E, I, H) (GPT-OSS).
+    Layouts are those transformers stores (see :class:`~grape_kernels.expert_weights.ExpertWeights`):
+    ``transposed=False`` means ``w_gate_up`` (E, 2I, H) and ``w_down`` (E, H, I) (Mixtral,
+    Qwen, OLMoE, DeepSeek); ``transposed=True`` means ``w_gate_up`` (E, H, 2I) and ``w_down``
+    (E, I, H) (GPT-OSS).
     """
+    w_gate_up, w_down = weights.w_gate_up, weights.w_down
     _check_float("hidden", hidden)
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D (tokens, hidden), got {tuple(hidden.shape)}")
@@ -168,12 +146,12 @@ def check_experts_args(
         if weight.dtype != hidden.dtype:
             raise ValueError(f"{name} is {weight.dtype} but hidden is {hidden.dtype}")
         _check_same_device(name, weight, hidden, "hidden")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if weights.activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {weights.activation!r}; expected one of {ACTIVATIONS}")
 
     tokens, width = hidden.shape
     experts = w_gate_up.shape[0]
-    if transposed:
+    if weights.transposed:
         gate_up_in, gate_up_out = w_gate_up.shape[1], w_gate_up.shape[2]
         down_in, down_out = w_down.shape[1], w_down.shape[2]
         layout = "transposed: w_gate_up (E, H, 2I), w_down (E, I, H)"
@@ -212,8 +190,8 @@ def check_experts_args(
     _check_same_device("topk_weights", topk_weights, hidden, "hidden")
 
     for name, bias, shape in (
-        ("gate_up_bias", gate_up_bias, (experts, 2 * intermediate)),
-        ("down_bias", down_bias, (experts, width)),
+        ("gate_up_bias", weights.gate_up_bias, (experts, 2 * intermediate)),
+        ("down_bias", weights.down_bias, (experts, width)),
     ):
         if bias is None:
             continue

@@ -19,15 +19,32 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ROUTING_MODES", "MODE_CODES", "RoutingSpec", "routing_scores", "route", "dense_routing_weights"]
+__all__ = [
+    "ROUTING_MODES",
+    "MODE_CODES",
+    "RoutingSpec",
+    "routing_scores",
+    "route",
+    "dense_routing_weights",
+    "kernel_mode",
+    "kernel_spec",
+]
 
 ROUTING_MODES: tuple[str, ...] = ("softmax_topk", "topk_softmax", "sigmoid_group")
-"""The routing rules the routing kernels implement (``route_topk(..., mode=...)``):
+"""The routing rules the routing kernels implement (:func:`kernel_mode` of a :class:`RoutingSpec`):
 
-- ``softmax_topk``: softmax over all logits, top-k of the probabilities (optionally renormalised);
+- ``softmax_topk``: softmax over all logits, top-k of the probabilities (optionally renormalised),
+  optionally group-limited with groups scored by their best probability and the probabilities
+  outside the chosen groups zeroed (DeepSeek-V2's ``group_limited_greedy``);
 - ``topk_softmax``: top-k of the logits, softmax over those k (GPT-OSS);
 - ``sigmoid_group``: sigmoid scores, correction bias for the choice only, group-limited top-k
   with groups scored by their best two (DeepSeek-V3).
+
+Group-limited routing with ``top_k`` above the experts of the chosen groups runs as in
+transformers: the remaining slots go to experts outside the chosen groups, ranked after every
+eligible one (weight: their sigmoid score for ``sigmoid_group``, zero for ``softmax_topk``).
+transformers leaves *which* of them to ``torch.topk``'s tie order; :func:`route` and the
+kernels take the lowest ids.
 """
 
 MODE_CODES: dict[str, int] = {mode: code for code, mode in enumerate(ROUTING_MODES)}
@@ -121,8 +138,15 @@ def route(
         if keep is not None:
             choice = choice.masked_fill(~keep, neg_inf)
         if spec.n_group > 1:
-            choice = choice.masked_fill(~_group_mask(choice, spec), neg_inf)
-        ids = choice.topk(spec.top_k, dim=-1).indices
+            in_groups = _group_mask(choice, spec)
+            choice = choice.masked_fill(~in_groups, neg_inf)
+            if spec.score_fn == "softmax":  # DeepSeek-V2 zeroes the probabilities outside the groups
+                scores = scores.masked_fill(~in_groups, 0.0)
+        if spec.n_group > 1 and spec.top_k > spec.topk_group * (logits.shape[1] // spec.n_group):
+            # Slots beyond the chosen groups' experts: the lowest ids among the rest, like the kernels.
+            ids = choice.sort(dim=-1, descending=True, stable=True).indices[:, : spec.top_k]
+        else:
+            ids = choice.topk(spec.top_k, dim=-1).indices
         weights = scores.gather(1, ids)
         if spec.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -136,3 +160,63 @@ def dense_routing_weights(
     ids, weights = route(logits, spec, keep)
     dense = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
     return dense.scatter_(1, ids, weights)
+
+
+def kernel_mode(spec: RoutingSpec) -> str:
+    """The routing kernels' mode (one of :data:`ROUTING_MODES`) that computes ``spec``.
+
+    Raises:
+        ValueError: ``spec`` combines rules no routing kernel implements (naming the rule), so
+            every routing backend refuses it the same way instead of routing differently.
+    """
+    if spec.score_fn not in ("softmax", "sigmoid"):
+        raise ValueError(f"unknown routing score_fn {spec.score_fn!r}; expected 'softmax' or 'sigmoid'")
+    if spec.topk_before_softmax:
+        if spec.score_fn != "softmax":
+            raise ValueError("top-k before softmax (GPT-OSS) needs score_fn='softmax'")
+        mode = "topk_softmax"
+    else:
+        mode = "sigmoid_group" if spec.score_fn == "sigmoid" else "softmax_topk"
+    if spec.correction_bias is not None and mode != "sigmoid_group":
+        raise ValueError(f"a correction bias is only used by sigmoid routing (DeepSeek-V3), not {mode!r}")
+    if spec.n_group != 1:
+        if mode == "topk_softmax":
+            raise ValueError(f"group-limited routing (n_group={spec.n_group}) has no kernel for top-k before softmax")
+        expected = "top2_sum" if mode == "sigmoid_group" else "max"
+        if spec.group_score != expected:
+            raise ValueError(
+                f"group-limited {spec.score_fn} routing has a kernel for groups scored by {expected!r} "
+                f"({'DeepSeek-V3' if mode == 'sigmoid_group' else 'DeepSeek-V2'}), not {spec.group_score!r}"
+            )
+    return mode
+
+
+def kernel_spec(
+    mode: str,
+    top_k: int,
+    *,
+    renormalize: bool = False,
+    scaling: float = 1.0,
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+) -> RoutingSpec:
+    """The :class:`RoutingSpec` of kernel ``mode`` (inverse of :func:`kernel_mode`).
+
+    For callers who think in kernel modes (benchmarks, serving code that reads a mode from a
+    config). ``renormalize`` is moot for ``topk_softmax`` (a softmax over k already sums to one).
+    """
+    if mode not in ROUTING_MODES:
+        raise ValueError(f"unknown routing mode {mode!r}; expected one of {ROUTING_MODES}")
+    sigmoid = mode == "sigmoid_group"
+    return RoutingSpec(
+        top_k=top_k,
+        score_fn="sigmoid" if sigmoid else "softmax",
+        topk_before_softmax=mode == "topk_softmax",
+        renormalize=renormalize and mode != "topk_softmax",
+        scaling=scaling,
+        n_group=n_group,
+        topk_group=topk_group,
+        group_score="top2_sum" if sigmoid else "max",
+        correction_bias=correction_bias,
+    )

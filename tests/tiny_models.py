@@ -57,13 +57,20 @@ def tiny_config(arch: str):
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "gpt_oss")
 
 
-def build_tiny_model(arch: str, directory: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Random ``arch`` model saved with ``save_pretrained`` (router/correction biases randomised)."""
+def build_tiny_model(
+    arch: str, directory: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32, **config_changes
+) -> Path:
+    """Random ``arch`` model saved with ``save_pretrained`` (router/correction biases randomised).
+
+    ``config_changes`` override attributes of :func:`tiny_config` (e.g. ``hidden_size=64``).
+    """
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = tiny_config(arch)
     config.dtype = dtype
+    for name, value in config_changes.items():
+        setattr(config, name, value)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     randomize_moe_weights(model)
     model.save_pretrained(directory)

@@ -1,33 +1,27 @@
-"""The contract every experts backend shares: argument checks and the gated activations.
+"""The contract every experts backend shares: its signature, argument checks, the gated activations.
 
-All backends (``reference``, ``dense``, ``cpu``, ``triton``) take the arguments of
-``grape_kernels.triton.fused_experts``::
+All backends (``reference``, ``dense``, ``cpu``, ``triton``) are :data:`ExpertsFn`\\ s::
 
-    fn(hidden (T, H), w_gate_up, w_down, topk_ids (T, k), topk_weights (T, k), *,
-       gate_up_bias=None, down_bias=None, activation="silu", swiglu_alpha=1.702,
-       swiglu_limit=7.0, transposed=False, interleaved=False) -> (T, H)
+    fn(hidden (T, H), weights: ExpertWeights, topk_ids (T, k), topk_weights (T, k)) -> (T, H)
 
-with ``w_gate_up`` (E, 2I, H) and ``w_down`` (E, H, I), or (E, H, 2I) / (E, I, H) when
-``transposed`` (GPT-OSS). ``E`` is read from the weights on every call, never from a config,
-because a pruned ("ragged") model has a different expert count in every layer.
-
-Shapes, dtypes and devices are checked by ``grape_kernels.kernel_checks.check_experts_args``,
-the same function the GPU launchers call, so every backend rejects the same bad call with the
-same ``ValueError`` before doing any work (a mismatched shape deep inside a per-expert loop
-would otherwise surface as an opaque BLAS error, or not at all for experts without tokens).
+(layouts in :mod:`grape_kernels.expert_weights`). Shapes, dtypes and devices are checked by
+``grape_kernels.kernel_checks.check_experts_args``, the same function the GPU launchers call,
+so every backend rejects the same bad call with the same ``ValueError`` before doing any work
+(a mismatched shape deep inside a per-expert loop would otherwise surface as an opaque BLAS
+error, or not at all for experts without tokens).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F
 
-from grape_kernels.kernel_checks import ACTIVATIONS, ExpertsProblem, check_experts_args
+from grape_kernels.expert_weights import ExpertWeights
+from grape_kernels.kernel_checks import ExpertsProblem, check_experts_args
 
 __all__ = [
-    "ACTIVATIONS",
     "ExpertsFn",
     "ExpertsProblem",
     "check_experts_inputs",
@@ -36,39 +30,16 @@ __all__ = [
     "split_gate_up",
 ]
 
-
-class ExpertsFn(Protocol):
-    """Signature shared by every experts backend (see the module docstring)."""
-
-    def __call__(
-        self,
-        hidden: torch.Tensor,
-        w_gate_up: torch.Tensor,
-        w_down: torch.Tensor,
-        topk_ids: torch.Tensor,
-        topk_weights: torch.Tensor,
-        *,
-        gate_up_bias: torch.Tensor | None = None,
-        down_bias: torch.Tensor | None = None,
-        activation: str = "silu",
-        swiglu_alpha: float = 1.702,
-        swiglu_limit: float = 7.0,
-        transposed: bool = False,
-        interleaved: bool = False,
-    ) -> torch.Tensor: ...
+#: Signature shared by every experts backend (see the module docstring).
+ExpertsFn = Callable[[torch.Tensor, ExpertWeights, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def check_experts_inputs(
     hidden: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
+    weights: ExpertWeights,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     *,
-    gate_up_bias: torch.Tensor | None = None,
-    down_bias: torch.Tensor | None = None,
-    activation: str = "silu",
-    transposed: bool = False,
     check_ids: bool = True,
 ) -> ExpertsProblem:
     """Validate an experts call (``check_experts_args`` plus two checks it leaves out).
@@ -83,10 +54,8 @@ def check_experts_inputs(
     Raises:
         ValueError: naming the offending argument.
     """
-    problem = check_experts_args(
-        hidden, w_gate_up, w_down, topk_ids, topk_weights, gate_up_bias, down_bias, activation, transposed
-    )
-    for name, bias in (("gate_up_bias", gate_up_bias), ("down_bias", down_bias)):
+    problem = check_experts_args(hidden, weights, topk_ids, topk_weights)
+    for name, bias in (("gate_up_bias", weights.gate_up_bias), ("down_bias", weights.down_bias)):
         if bias is not None and bias.dtype != hidden.dtype:
             raise ValueError(f"{name} is {bias.dtype} but hidden is {hidden.dtype}")
     if check_ids and hidden.device.type == "cpu" and topk_ids.numel() > 0:
@@ -115,22 +84,16 @@ def split_gate_up(gate_up: torch.Tensor, interleaved: bool) -> tuple[torch.Tenso
     return gate_up[..., :half], gate_up[..., half:]
 
 
-def gated_activation(
-    gate_up: torch.Tensor,
-    activation: str,
-    *,
-    interleaved: bool = False,
-    swiglu_alpha: float = 1.702,
-    swiglu_limit: float = 7.0,
-) -> torch.Tensor:
+def gated_activation(gate_up: torch.Tensor, weights: ExpertWeights) -> torch.Tensor:
     """(..., I) activation of a (..., 2I) gate/up projection, out of place.
 
     This is the straightforward formulation used by the oracle and the dense backend; the
     CPU fast path has its own in-place version of the same arithmetic.
     """
-    gate, up = split_gate_up(gate_up, interleaved)
-    if activation == "silu":
+    gate, up = split_gate_up(gate_up, weights.interleaved)
+    if weights.activation == "silu":
         return F.silu(gate) * up
-    gate = gate.clamp(max=swiglu_limit)
-    up = up.clamp(min=-swiglu_limit, max=swiglu_limit)
-    return (up + 1) * (gate * torch.sigmoid(gate * swiglu_alpha))
+    limit = weights.swiglu_limit
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * weights.swiglu_alpha))

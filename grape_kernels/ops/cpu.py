@@ -32,9 +32,13 @@ that require gradients (the transformers integration then uses transformers' own
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.nn import functional as F
 
+from grape_kernels.expert_weights import ExpertWeights
+from grape_kernels.library import experts_op
 from grape_kernels.ops.common import check_experts_inputs, ids_out_of_range, split_gate_up
 
 __all__ = ["cpu_experts"]
@@ -104,25 +108,28 @@ def _formulation(x: torch.Tensor, weight: torch.Tensor, rows: int, transposed: b
     return "mm"
 
 
+class _Groups(NamedTuple):
+    """The experts that received rows, in order, and how many rows each got (sorted layout)."""
+
+    active: list[int]
+    sizes: list[int]
+    offsets: torch.Tensor  # int32 cumulative row counts over all experts, as grouped_mm takes
+    transposed: bool
+
+
 def _project(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    transposed: bool,
-    active: list[int],
-    sizes: list[int],
-    offsets: torch.Tensor,
-    out_features: int,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: _Groups, out_features: int
 ) -> torch.Tensor:
     """One projection of all experts over the expert-sorted rows ``x``: (S, in) -> (S, out)."""
-    kinds = [_formulation(x, weight, rows, transposed) for rows in sizes]
+    transposed = groups.transposed
+    kinds = [_formulation(x, weight, rows, transposed) for rows in groups.sizes]
     if _GROUPED_MM is not None and (weight[0].numel() < _LOOP_MIN_WEIGHT or all(kind == "mm" for kind in kinds)):
-        out = _GROUPED_MM(x, weight if transposed else weight.transpose(1, 2), offs=offsets)
+        out = _GROUPED_MM(x, weight if transposed else weight.transpose(1, 2), offs=groups.offsets)
         if bias is not None:
-            out += bias[active].repeat_interleave(torch.tensor(sizes, device=x.device), dim=0)
+            out += bias[groups.active].repeat_interleave(torch.tensor(groups.sizes, device=x.device), dim=0)
         return out
     out = x.new_empty(x.shape[0], out_features)
-    for expert, kind, x_e, out_e in zip(active, kinds, x.split(sizes), out.split(sizes)):
+    for expert, kind, x_e, out_e in zip(groups.active, kinds, x.split(groups.sizes), out.split(groups.sizes)):
         _linear_into(out_e, x_e, weight[expert], None if bias is None else bias[expert], transposed, kind)
     return out
 
@@ -162,45 +169,31 @@ def _mm_into(out: torch.Tensor, x: torch.Tensor, w_in_out: torch.Tensor, bias: t
         torch.addmm(bias, x, w_in_out, out=out)
 
 
-def _activate(gate_up: torch.Tensor, activation: str, interleaved: bool, alpha: float, limit: float) -> torch.Tensor:
+def _activate(gate_up: torch.Tensor, weights: ExpertWeights) -> torch.Tensor:
     """Gated activation of a (S, 2I) buffer (overwritten) into a new contiguous (S, I) tensor.
 
     The result is written contiguously rather than left as a view into the buffer: as a view
     its rows are 2I elements apart, and with 2I * 4 bytes a multiple of 4 KiB (I = 512 in
     float32) the down-projection GEMM then ran 20% slower from cache-set aliasing.
     """
-    gate, up = split_gate_up(gate_up, interleaved)
-    if activation == "silu":
+    gate, up = split_gate_up(gate_up, weights.interleaved)
+    if weights.activation == "silu":
         F.silu(gate, inplace=True)
         return torch.mul(gate, up)
+    limit = weights.swiglu_limit
     gate.clamp_(max=limit)
     up.clamp_(min=-limit, max=limit).add_(1.0)
-    return torch.mul(gate, alpha).sigmoid_().mul_(gate).mul_(up)
+    return torch.mul(gate, weights.swiglu_alpha).sigmoid_().mul_(gate).mul_(up)
 
 
+@experts_op("cpu")
 def cpu_experts(
-    hidden: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    *,
-    gate_up_bias: torch.Tensor | None = None,
-    down_bias: torch.Tensor | None = None,
-    activation: str = "silu",
-    swiglu_alpha: float = 1.702,
-    swiglu_limit: float = 7.0,
-    transposed: bool = False,
-    interleaved: bool = False,
+    hidden: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor, topk_weights: torch.Tensor
 ) -> torch.Tensor:
     """Routed-experts output (T, H) in the input dtype; see the module docstring for the method."""
-    problem = check_experts_inputs(
-        hidden, w_gate_up, w_down, topk_ids, topk_weights, gate_up_bias=gate_up_bias,
-        down_bias=down_bias, activation=activation, transposed=transposed, check_ids=False,
-    )
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, w_gate_up, w_down, topk_weights, gate_up_bias, down_bias)
-    ):
+    problem = check_experts_inputs(hidden, weights, topk_ids, topk_weights, check_ids=False)
+    tensors = (hidden, topk_weights, weights.w_gate_up, weights.w_down, weights.gate_up_bias, weights.down_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise RuntimeError(
             "the cpu experts backend is inference-only; call it under torch.no_grad() or "
             "torch.inference_mode(), or use a differentiable implementation for training"
@@ -209,13 +202,11 @@ def cpu_experts(
     if tokens == 0:
         return hidden.new_zeros(0, problem.hidden)
     flat_ids = topk_ids.reshape(-1)
-    layout = dict(activation=activation, interleaved=interleaved, alpha=swiglu_alpha, limit=swiglu_limit)
     if tokens == 1:
         ids = flat_ids.tolist()
         if min(ids) < 0 or max(ids) >= experts:
             raise ids_out_of_range(experts, min(ids), max(ids))
-        return _single_token(hidden, w_gate_up, w_down, gate_up_bias, down_bias, ids, topk_weights,
-                             transposed, problem.intermediate, layout)
+        return _single_token(hidden, weights, ids, topk_weights, problem.intermediate)
 
     # bincount doubles as the id range check: it rejects negatives and grows past E for ids >= E.
     try:
@@ -230,17 +221,16 @@ def cpu_experts(
     pair_weight = topk_weights.reshape(-1).index_select(0, order)
     count_list = counts.tolist()
     active = [expert for expert, count in enumerate(count_list) if count]
-    sizes = [count_list[expert] for expert in active]
+    groups = _Groups(active, [count_list[expert] for expert in active], offsets, weights.transposed)
     # Each (S, .) intermediate is dropped as soon as it is consumed, so the peak is the (S, 2I)
     # projection plus its activation rather than the sum of all of them.
     gathered = hidden.index_select(0, pair_token)
-    gate_up = _project(gathered, w_gate_up, gate_up_bias, transposed, active, sizes, offsets, 2 * problem.intermediate)
+    gate_up = _project(gathered, weights.w_gate_up, weights.gate_up_bias, groups, 2 * problem.intermediate)
     del gathered
-    h = _activate(gate_up, **layout)
+    h = _activate(gate_up, weights)
     del gate_up
     weighted = torch.mul(
-        _project(h, w_down, down_bias, transposed, active, sizes, offsets, problem.hidden),
-        pair_weight.float().unsqueeze(1),
+        _project(h, weights.w_down, weights.down_bias, groups, problem.hidden), pair_weight.float().unsqueeze(1)
     )
     del h
     out = torch.zeros(tokens, problem.hidden, dtype=torch.float32, device=hidden.device)
@@ -249,22 +239,15 @@ def cpu_experts(
 
 
 def _single_token(
-    hidden: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    gate_up_bias: torch.Tensor | None,
-    down_bias: torch.Tensor | None,
-    ids: list[int],
-    topk_weights: torch.Tensor,
-    transposed: bool,
-    intermediate: int,
-    layout: dict,
+    hidden: torch.Tensor, weights: ExpertWeights, ids: list[int], topk_weights: torch.Tensor, intermediate: int
 ) -> torch.Tensor:
     """Decode step: one (1, H) token through its k experts, summed in float32.
 
     In float32 ``addmm_`` folds the routing weight and the sum into the down GEMM; other
     dtypes add each expert's output into a float32 accumulator, as the batched path does.
     """
+    w_gate_up, w_down, transposed = weights.w_gate_up, weights.w_down, weights.transposed
+    gate_up_bias, down_bias = weights.gate_up_bias, weights.down_bias
     fused = hidden.dtype == torch.float32
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     gate_up = hidden.new_empty(1, 2 * intermediate)
@@ -274,7 +257,7 @@ def _single_token(
     for expert, weight in zip(ids, topk_weights.reshape(-1).tolist()):
         bias = None if gate_up_bias is None else gate_up_bias[expert]
         _linear_into(gate_up, hidden, w_gate_up[expert], bias, transposed, gate_up_kind)
-        h = _activate(gate_up, **layout)
+        h = _activate(gate_up, weights)
         bias = None if down_bias is None else down_bias[expert]
         if fused and bias is None:
             out.addmm_(h, w_down[expert] if transposed else w_down[expert].t(), alpha=weight)

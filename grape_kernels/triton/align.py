@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from grape_kernels.kernel_checks import check_align_args
+from grape_kernels.library import align_op
 
 __all__ = ["align_block_size", "align_capacity"]
 
@@ -162,6 +163,7 @@ def _place_kernel(
             tl.store(post_pad_ptr, total)
 
 
+@align_op("triton")
 def align_block_size(
     topk_ids: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

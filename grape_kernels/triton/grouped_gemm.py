@@ -31,7 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
+from grape_kernels.expert_weights import ExpertWeights
 from grape_kernels.kernel_checks import ExpertsProblem, check_experts_args
+from grape_kernels.library import experts_op
 from grape_kernels.triton.align import align_block_size
 from grape_kernels.triton.tuning import KernelConfig, select_config
 
@@ -56,6 +58,41 @@ def _tile_coords(num_rows, num_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
     pid_m = first_m + (pid % per_group) % size_m
     pid_n = (pid % per_group) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def _tile_rows(sorted_ids_ptr, expert_ids_ptr, pid_m, num_valid, BLOCK_M: tl.constexpr):
+    """The expert of row tile ``pid_m``, its slots, and which of them are real (not padding)."""
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    slots = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    return expert, slots, slots < num_valid
+
+
+@triton.jit
+def _accumulate(
+    a_ptrs,
+    w_ptrs,
+    row_mask,
+    col_mask,
+    depth,
+    stride_ak,
+    stride_wk,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """fp32 (BLOCK_M, BLOCK_N) tile of ``a @ w`` over ``depth``, from pointers to the first K block."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, depth, BLOCK_K):
+        k_mask = offs_k < depth - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    return acc
 
 
 @triton.jit(do_not_specialize=["num_valid", "num_rows"])
@@ -96,9 +133,7 @@ def _gate_up_kernel(
     pid_m, pid_n = _tile_coords(num_rows, inter, BLOCK_M, HALF_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(post_pad_ptr):
         return
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    slots = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_mask = slots < num_valid
+    expert, slots, row_mask = _tile_rows(sorted_ids_ptr, expert_ids_ptr, pid_m, num_valid, BLOCK_M)
     tokens = (slots // top_k).to(tl.int64)
 
     # Weight column j of the tile feeds output column pid_n * HALF_N + j // 2, as gate (j even)
@@ -117,15 +152,9 @@ def _gate_up_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tokens[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + expert * stride_we + offs_k[:, None] * stride_wk + w_row[None, :] * stride_wn
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        k_mask = offs_k < hidden - k0
-        x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    acc = _accumulate(
+        x_ptrs, w_ptrs, row_mask, col_mask, hidden, stride_xk, stride_wk, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K
+    )
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert * stride_be + w_row * stride_bn, mask=col_mask, other=0.0).to(tl.float32)
@@ -179,9 +208,7 @@ def _down_kernel(
     pid_m, pid_n = _tile_coords(num_rows, hidden, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(post_pad_ptr):
         return
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    slots = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_mask = slots < num_valid
+    expert, slots, row_mask = _tile_rows(sorted_ids_ptr, expert_ids_ptr, pid_m, num_valid, BLOCK_M)
     slots64 = slots.to(tl.int64)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -189,15 +216,9 @@ def _down_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + slots64[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + expert * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        k_mask = offs_k < inter - k0
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
+    acc = _accumulate(
+        a_ptrs, w_ptrs, row_mask, col_mask, inter, stride_ak, stride_wk, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K
+    )
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=col_mask, other=0.0)
@@ -249,32 +270,39 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _weight_args(weight: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
+    """(expert, K, N) strides of a 3-D weight: K is dim 2 of (E, N, K) storage, dim 1 if transposed."""
+    if transposed:
+        return weight.stride(0), weight.stride(1), weight.stride(2)
+    return weight.stride(0), weight.stride(2), weight.stride(1)
+
+
+def _bias_args(bias: torch.Tensor | None, placeholder: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(pointer, expert stride, column stride) of an optional bias; the placeholder is never read."""
+    if bias is None:
+        return placeholder, 0, 0
+    return bias, bias.stride(0), bias.stride(1)
+
+
 def _launch(
     problem: ExpertsProblem,
     hidden: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
+    weights: ExpertWeights,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
-    gate_up_bias: torch.Tensor | None,
-    down_bias: torch.Tensor | None,
-    activation: str,
-    swiglu_alpha: float,
-    swiglu_limit: float,
-    transposed: bool,
-    interleaved: bool,
     config: KernelConfig,
 ) -> torch.Tensor:
     """Run align + both GEMMs + reduction for validated inputs; returns ``(T, H)``."""
     tokens, width, inter = problem.tokens, problem.hidden, problem.intermediate
-    experts, top_k = problem.experts, problem.top_k
     device, dtype = hidden.device, hidden.dtype
-    num_slots = tokens * top_k
-    sorted_ids, expert_ids, post_pad = align_block_size(topk_ids, experts, config.block_m)
+    num_slots = tokens * problem.top_k
+    sorted_ids, expert_ids, post_pad = align_block_size(topk_ids, problem.experts, config.block_m)
     num_rows = sorted_ids.shape[0]
     tiles_m = triton.cdiv(num_rows, config.block_m)
-    precision = _input_precision(dtype)
+    routing = (sorted_ids, expert_ids, post_pad, num_slots, num_rows, problem.top_k)
     launch = dict(
+        HAS_BIAS=weights.gate_up_bias is not None,
+        INPUT_PRECISION=_input_precision(dtype),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
@@ -283,82 +311,46 @@ def _launch(
         num_stages=config.num_stages,
     )
 
-    # gate_up: (E, 2I, H) has K (=H) on dim 2 and the 2I axis on dim 1; transposed swaps them.
-    if transposed:
-        stride_wk, stride_wn = w_gate_up.stride(1), w_gate_up.stride(2)
-    else:
-        stride_wk, stride_wn = w_gate_up.stride(2), w_gate_up.stride(1)
     act = torch.empty((num_slots, inter), dtype=dtype, device=device)
-    has_gu_bias = gate_up_bias is not None
-    gu_bias = gate_up_bias if has_gu_bias else w_gate_up  # never read when HAS_BIAS is False
-    grid = (tiles_m * triton.cdiv(inter, config.block_n // 2),)
-    _gate_up_kernel[grid](
+    gate_up_bias, stride_be, stride_bn = _bias_args(weights.gate_up_bias, weights.w_gate_up)
+    _gate_up_kernel[(tiles_m * triton.cdiv(inter, config.block_n // 2),)](
         hidden,
-        w_gate_up,
-        gu_bias,
+        weights.w_gate_up,
+        gate_up_bias,
         act,
-        sorted_ids,
-        expert_ids,
-        post_pad,
-        num_slots,
-        num_rows,
-        top_k,
+        *routing,
         inter,
         width,
-        hidden.stride(0),
-        hidden.stride(1),
-        w_gate_up.stride(0),
-        stride_wk,
-        stride_wn,
-        gate_up_bias.stride(0) if has_gu_bias else 0,
-        gate_up_bias.stride(1) if has_gu_bias else 0,
-        act.stride(0),
-        act.stride(1),
-        float(swiglu_alpha),
-        float(swiglu_limit),
-        ACTIVATION=_ACTIVATION_CODES[activation],
-        INTERLEAVED=bool(interleaved),
-        HAS_BIAS=has_gu_bias,
-        INPUT_PRECISION=precision,
+        *hidden.stride(),
+        *_weight_args(weights.w_gate_up, weights.transposed),
+        stride_be,
+        stride_bn,
+        *act.stride(),
+        float(weights.swiglu_alpha),
+        float(weights.swiglu_limit),
+        ACTIVATION=_ACTIVATION_CODES[weights.activation],
+        INTERLEAVED=bool(weights.interleaved),
         **launch,
     )
 
-    # down: (E, H, I) has K (=I) on dim 2 and N (=H) on dim 1; transposed (E, I, H) swaps them.
-    if transposed:
-        stride_wk, stride_wn = w_down.stride(1), w_down.stride(2)
-    else:
-        stride_wk, stride_wn = w_down.stride(2), w_down.stride(1)
     y = torch.empty((num_slots, width), dtype=dtype, device=device)
-    has_d_bias = down_bias is not None
-    d_bias = down_bias if has_d_bias else w_down  # never read when HAS_BIAS is False
-    grid = (tiles_m * triton.cdiv(width, config.block_n),)
-    _down_kernel[grid](
+    launch["HAS_BIAS"] = weights.down_bias is not None
+    down_bias, stride_be, stride_bn = _bias_args(weights.down_bias, weights.w_down)
+    _down_kernel[(tiles_m * triton.cdiv(width, config.block_n),)](
         act,
-        w_down,
-        d_bias,
+        weights.w_down,
+        down_bias,
         topk_weights,
         y,
-        sorted_ids,
-        expert_ids,
-        post_pad,
-        num_slots,
-        num_rows,
-        top_k,
+        *routing,
         width,
         inter,
-        act.stride(0),
-        act.stride(1),
-        w_down.stride(0),
-        stride_wk,
-        stride_wn,
-        down_bias.stride(0) if has_d_bias else 0,
-        down_bias.stride(1) if has_d_bias else 0,
-        topk_weights.stride(0),
-        topk_weights.stride(1),
-        y.stride(0),
-        y.stride(1),
-        HAS_BIAS=has_d_bias,
-        INPUT_PRECISION=precision,
+        *act.stride(),
+        *_weight_args(weights.w_down, weights.transposed),
+        stride_be,
+        stride_bn,
+        *topk_weights.stride(),
+        *y.stride(),
         **launch,
     )
 
@@ -370,11 +362,10 @@ def _launch(
         out,
         tokens,
         width,
-        top_k,
-        experts,
+        problem.top_k,
+        problem.experts,
         y.stride(0),
-        topk_ids.stride(0),
-        topk_ids.stride(1),
+        *topk_ids.stride(),
         out.stride(0),
         BLOCK_T=block_t,
         BLOCK_H=block_h,
@@ -383,43 +374,29 @@ def _launch(
     return out
 
 
+@experts_op("triton")
 def fused_experts(
     hidden: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
+    weights: ExpertWeights,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     *,
-    gate_up_bias: torch.Tensor | None = None,
-    down_bias: torch.Tensor | None = None,
-    activation: str = "silu",
-    swiglu_alpha: float = 1.702,
-    swiglu_limit: float = 7.0,
-    transposed: bool = False,
-    interleaved: bool = False,
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """Output of the routed experts of one MoE layer, ``(T, H)`` in ``hidden``'s dtype.
 
     Args:
         hidden: ``(T, H)`` token activations (fp16/bf16/fp32, any strides).
-        w_gate_up: ``(E, 2I, H)`` gate rows then up rows (transformers' Mixtral/Qwen/OLMoE/
-            DeepSeek layout); with ``transposed=True`` ``(E, H, 2I)`` (GPT-OSS).
-        w_down: ``(E, H, I)``; with ``transposed=True`` ``(E, I, H)``.
+        weights: the layer's weights and layout (:class:`~grape_kernels.expert_weights.ExpertWeights`;
+            any strides). Biases are added before the activation / after the down projection;
+            ``activation="gpt_oss"`` clamps gate above at ``swiglu_limit`` and up to
+            ``+-swiglu_limit`` and computes ``(up + 1) * gate * sigmoid(swiglu_alpha * gate)``.
         topk_ids: ``(T, k)`` int32/int64 expert of each slot; ids outside ``[0, E)`` are dropped.
         topk_weights: ``(T, k)`` routing weights (any float dtype), applied after the down
             projection (and its bias).
-        gate_up_bias / down_bias: optional ``(E, 2I)`` / ``(E, H)`` biases, added before the
-            activation / after the down projection.
-        activation: ``"silu"``: ``silu(gate) * up``; ``"gpt_oss"``: gate clamped above at
-            ``swiglu_limit``, up clamped to ``+-swiglu_limit``, ``(up + 1) * gate *
-            sigmoid(swiglu_alpha * gate)``.
-        interleaved: gate/up alternate along the 2I axis (gate even, up odd), as in GPT-OSS.
         config: explicit block sizes (the tuner uses this); default: the tuning table.
     """
-    problem = check_experts_args(
-        hidden, w_gate_up, w_down, topk_ids, topk_weights, gate_up_bias, down_bias, activation, transposed
-    )
+    problem = check_experts_args(hidden, weights, topk_ids, topk_weights)
     if problem.tokens == 0:
         return hidden.new_empty((0, problem.hidden))
     if config is None:
@@ -427,19 +404,4 @@ def fused_experts(
         config = select_config(
             2 * problem.intermediate, problem.hidden, tokens_per_expert, hidden.element_size(), hidden.device
         )
-    return _launch(
-        problem,
-        hidden,
-        w_gate_up,
-        w_down,
-        topk_ids,
-        topk_weights,
-        gate_up_bias,
-        down_bias,
-        activation,
-        swiglu_alpha,
-        swiglu_limit,
-        transposed,
-        interleaved,
-        config,
-    )
+    return _launch(problem, hidden, weights, topk_ids, topk_weights, config)

@@ -4,7 +4,8 @@ Semantics are those of :func:`grape_kernels.routing.route` (the source of truth,
 compare against); the modes map onto its ``RoutingSpec`` as
 
 ========================  ================================================================
-``"softmax_topk"``        ``score_fn="softmax"`` (Mixtral, Qwen2/3-MoE, OLMoE)
+``"softmax_topk"``        ``score_fn="softmax"`` (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2;
+                          group-limited with ``group_score="max"``)
 ``"topk_softmax"``        ``topk_before_softmax=True`` (GPT-OSS); ``renormalize`` is moot
                           because a softmax over the chosen k already sums to one
 ``"sigmoid_group"``       ``score_fn="sigmoid"``, ``group_score="top2_sum"`` (DeepSeek-V3)
@@ -29,6 +30,8 @@ import triton
 import triton.language as tl
 
 from grape_kernels.kernel_checks import check_route_args
+from grape_kernels.library import routing_op
+from grape_kernels.routing import MODE_CODES, RoutingSpec
 
 __all__ = ["route_topk"]
 
@@ -37,7 +40,10 @@ _BLOCK_E = 32  # experts per tile; a fixed width keeps E out of the compiled spe
 _MAX_GROUPS = 32  # chosen groups are kept as bits of an int32
 _NO_EXPERT = 2**30  # larger than any expert id, used as "no candidate yet" in arg-min ties
 
-_MODE_CODES = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_group": 2}
+# The kernel's MODE argument takes the codes of grape_kernels.routing.MODE_CODES.
+_SOFTMAX_TOPK = tl.constexpr(MODE_CODES["softmax_topk"])
+_TOPK_SOFTMAX = tl.constexpr(MODE_CODES["topk_softmax"])
+_SIGMOID_GROUP = tl.constexpr(MODE_CODES["sigmoid_group"])
 
 
 @triton.jit
@@ -60,7 +66,7 @@ def _scores(
     """
     mask = row_mask[:, None] & col_mask[None, :]
     x = tl.load(logits_ptr + rows[:, None] + experts[None, :] * stride_le, mask=mask, other=0.0).to(tl.float32)
-    if MODE == 2:
+    if MODE == _SIGMOID_GROUP:
         score = tl.sigmoid(x)
         choice = score
         if HAS_BIAS:
@@ -114,7 +120,7 @@ def _route_kernel(
     rows = tokens.to(tl.int64) * stride_lt
     lanes = tl.arange(0, BLOCK_E)
 
-    if MODE == 0:
+    if MODE == _SOFTMAX_TOPK:
         # Softmax statistics over the full row (max, then sum of exponentials).
         row_max = tl.full((BLOCK_T,), float("-inf"), tl.float32)
         for e0 in range(0, num_experts, BLOCK_E):
@@ -132,8 +138,9 @@ def _route_kernel(
         denom = tl.where(row_mask, denom, 1.0)  # rows past the end are never stored
 
     if GROUPED:
-        # Group score = sum of the two best choice values of the group (DeepSeek-V3), as a
-        # running top-2 over the group's expert tiles; then the best topk_group groups.
+        # Group score = sum of the two best choice values of the group (DeepSeek-V3) or the best
+        # one (DeepSeek-V2, softmax: the best logit ranks groups like the best probability), as
+        # a running top-2 over the group's expert tiles; then the best topk_group groups.
         groups = tl.arange(0, BLOCK_G)
         group_score = tl.full((BLOCK_T, BLOCK_G), float("-inf"), tl.float32)
         for g in range(n_group):
@@ -156,7 +163,10 @@ def _route_kernel(
                 t1, t2 = _tile_top2(choice, experts, NO_EXPERT)
                 top2 = tl.maximum(tl.minimum(top1, t1), tl.maximum(top2, t2))
                 top1 = tl.maximum(top1, t1)
-            score_g = tl.where(per_group > 1, top1 + top2, top1)
+            if MODE == _SIGMOID_GROUP:
+                score_g = tl.where(per_group > 1, top1 + top2, top1)
+            else:
+                score_g = top1
             group_score = tl.where(groups[None, :] == g, score_g[:, None], group_score)
         chosen_bits = tl.zeros((BLOCK_T,), tl.int32)
         for _ in range(topk_group):
@@ -181,13 +191,18 @@ def _route_kernel(
             score, choice = _scores(
                 logits_ptr, bias_ptr, rows, row_mask, experts, in_row, stride_le, stride_b, MODE, HAS_BIAS
             )
+            if GROUPED:
+                # Experts outside the chosen groups rank after every eligible one (key -inf, ties
+                # to the lowest id): they only fill slots when top_k exceeds the eligible experts,
+                # as in transformers, where softmax routing (DeepSeek-V2) gives them weight 0.
+                in_chosen = ((chosen_bits[:, None] >> (experts // per_group)[None, :]) & 1) != 0
+                choice = tl.where(in_chosen, choice, float("-inf"))
+                if MODE == _SOFTMAX_TOPK:
+                    score = tl.where(in_chosen, score, float("-inf"))
             after_prev = (choice < prev_v[:, None]) | (
                 (choice == prev_v[:, None]) & (experts[None, :] > prev_i[:, None])
             )
             eligible = in_row[None, :] & after_prev
-            if GROUPED:
-                in_chosen = ((chosen_bits[:, None] >> (experts // per_group)[None, :]) & 1) != 0
-                eligible = eligible & in_chosen
             cand = tl.where(eligible, choice, float("-inf"))
             tile_v = tl.max(cand, axis=1)
             tile_i = tl.min(tl.where(eligible & (cand == tile_v[:, None]), experts[None, :], NO_EXPERT), axis=1)
@@ -202,9 +217,9 @@ def _route_kernel(
         prev_i = best_i
 
     valid = slots[None, :] < top_k
-    if MODE == 0:
+    if MODE == _SOFTMAX_TOPK:
         weights = tl.exp(sel_score - row_max[:, None]) / denom[:, None]
-    elif MODE == 1:
+    elif MODE == _TOPK_SOFTMAX:
         top = tl.max(tl.where(valid, sel_score, float("-inf")), axis=1)
         num = tl.where(valid, tl.exp(sel_score - top[:, None]), 0.0)
         weights = num / tl.sum(num, axis=1)[:, None]
@@ -219,62 +234,48 @@ def _route_kernel(
     tl.store(weights_ptr + out_rows * stride_wt + slots[None, :], weights, mask=out_mask)
 
 
-def route_topk(
-    logits: torch.Tensor,
-    top_k: int,
-    *,
-    mode: str = "softmax_topk",
-    renormalize: bool = False,
-    scaling: float = 1.0,
-    correction_bias: torch.Tensor | None = None,
-    n_group: int = 1,
-    topk_group: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@routing_op("triton")
+def route_topk(logits: torch.Tensor, spec: RoutingSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Route every token: expert ids ``(T, k)`` int32 and weights ``(T, k)`` float32.
 
     Args:
         logits: ``(T, E)`` router logits (fp16/bf16/fp32, any strides).
-        top_k: experts per token, ``1 <= top_k <= E``.
-        mode: ``"softmax_topk"``, ``"topk_softmax"`` or ``"sigmoid_group"`` (see module doc).
-        renormalize: divide the chosen weights by their sum (``+1e-20``), as ``norm_topk_prob``.
-        scaling: multiplied into the final weights (``routed_scaling_factor``).
-        correction_bias: ``(E,)`` DeepSeek-V3 bias added to the selection key only.
-        n_group / topk_group: group-limited routing (``sigmoid_group`` only, ``n_group <= 32``).
+        spec: the routing rule (see module doc); its ``correction_bias`` must be on the logits'
+            device. Group-limited routing supports ``n_group <= 32``.
 
     Ids come out in descending order of the selection key, like ``torch.topk``. Ties resolve
     to the lowest expert id (``torch.topk`` leaves them unspecified).
     """
-    check_route_args(logits, top_k, mode, correction_bias, n_group, topk_group)
-    if n_group > _MAX_GROUPS:
-        raise ValueError(f"the Triton router supports n_group <= {_MAX_GROUPS}, got {n_group}")
+    mode = check_route_args(logits, spec)
+    if spec.n_group > _MAX_GROUPS:
+        raise ValueError(f"the Triton router supports n_group <= {_MAX_GROUPS}, got {spec.n_group}")
     tokens, num_experts = logits.shape
+    top_k, bias = spec.top_k, spec.correction_bias
     ids = torch.empty((tokens, top_k), dtype=torch.int32, device=logits.device)
     weights = torch.empty((tokens, top_k), dtype=torch.float32, device=logits.device)
     if tokens == 0:
         return ids, weights
-    has_bias = correction_bias is not None
-    grouped = n_group > 1
     _route_kernel[(triton.cdiv(tokens, _BLOCK_T),)](
         logits,
-        correction_bias if has_bias else logits,  # never read when HAS_BIAS is False
+        logits if bias is None else bias,  # never read when HAS_BIAS is False
         ids,
         weights,
         tokens,
         num_experts,
         top_k,
-        num_experts // n_group,
-        n_group,
-        topk_group,
-        float(scaling),
+        num_experts // spec.n_group,
+        spec.n_group,
+        spec.topk_group,
+        float(spec.scaling),
         logits.stride(0),
         logits.stride(1),
-        correction_bias.stride(0) if has_bias else 0,
+        0 if bias is None else bias.stride(0),
         ids.stride(0),
         weights.stride(0),
-        MODE=_MODE_CODES[mode],
-        HAS_BIAS=has_bias,
-        GROUPED=grouped,
-        RENORMALIZE=bool(renormalize) and mode != "topk_softmax",
+        MODE=MODE_CODES[mode],
+        HAS_BIAS=bias is not None,
+        GROUPED=spec.n_group > 1,
+        RENORMALIZE=bool(spec.renormalize) and mode != "topk_softmax",
         BLOCK_T=_BLOCK_T,
         BLOCK_E=_BLOCK_E,
         BLOCK_K=triton.next_power_of_2(top_k),

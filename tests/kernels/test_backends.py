@@ -18,23 +18,27 @@ import zlib
 import pytest
 import torch
 
-from grape_kernels import ExpertWeights, available_backends, experts_forward, get_backend, select_backend
+from grape_kernels import (
+    Backend,
+    ExpertWeights,
+    available_backends,
+    backend_status,
+    experts_forward,
+    get_backend,
+    routing_function,
+    select_backend,
+    select_routing_backend,
+)
+from grape_kernels import backends as backends_module
+from grape_kernels.backends import resolve_backend
 from grape_kernels.ops import reference_route_topk
+from grape_kernels.routing import RoutingSpec, kernel_spec
 
 H, I = 32, 24
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
-CPU_BACKENDS = [b for b in ("cpu", "dense", "reference") if b in available_backends("cpu")]
+# Every registered backend that runs on the CPU natively (a new one joins these tests by registering).
+CPU_BACKENDS = [b for b in available_backends("cpu") if b != "triton"]
 TRITON_HERE = "triton" in available_backends("cpu")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these problems are tiny, and on the shared 2-core machine OpenMP
-    barriers in a contended process made single tests 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _gen(*key) -> torch.Generator:
@@ -111,9 +115,11 @@ def check(out: Tensor, ref: Tensor, dtype: torch.dtype) -> None:
     assert err <= TOL[dtype] * max(scale, 1.0), f"max error {err:.3g} vs scale {scale:.3g}"
 
 
-def run(backend: str, *args, **kwargs) -> Tensor:
+def run(backend: str, hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, ids: Tensor, weights: Tensor,
+        **layout) -> Tensor:
+    """``backend`` on one layer; ``layout`` holds the other :class:`ExpertWeights` fields."""
     with torch.no_grad():
-        return get_backend(backend).load()(*args, **kwargs)
+        return get_backend(backend).load()(hidden, ExpertWeights(w_gate_up, w_down, **layout), ids, weights)
 
 
 GRID = [(e, k) for e in (1, 2, 3, 5, 8, 13, 64) for k in (1, 2, 4, 8) if k <= e]
@@ -237,9 +243,35 @@ def test_triton_backend_gpt_oss_layout():
 def test_select_backend_by_device():
     assert select_backend("cpu") == "cpu"
     assert select_backend(torch.device("cpu")) == "cpu"
-    assert select_backend("cuda") == ("triton" if get_backend("triton").usable(torch.device("cuda")) else "dense")
+    assert select_backend("cuda") == ("triton" if get_backend("triton").usable(torch.device("cuda"))[0] else "dense")
     assert select_backend("meta") == "dense"
     assert {"cpu", "dense", "reference"} <= set(available_backends("cpu"))
+
+
+def test_backend_status_says_why_a_backend_is_skipped(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    status = backend_status("meta")
+    assert status["dense"] == (True, "") and status["reference"] == (True, "")
+    assert status["cpu"] == (False, "runs on CPU tensors only")
+    assert not status["triton"][0] and "CUDA" in status["triton"][1]
+    routing = backend_status("cpu", kind="routing")
+    assert routing["reference"][0] and not routing["cuda"][0] and "CUDA" in routing["cuda"][1]
+    with pytest.raises(ValueError, match=r"'cpu' cannot run on meta .*\(runs on CPU tensors only\)"):
+        resolve_backend("cpu", "meta")
+
+
+def test_routing_backend_pairs_by_priority(monkeypatch):
+    """Selection follows the records' priorities and pairings, so a new backend needs no new branch."""
+    assert select_routing_backend("cpu", "cpu") is None and select_routing_backend("cpu", "dense") is None
+    assert select_routing_backend("cpu", "reference") == "reference"
+    expected = "triton" if TRITON_HERE else None
+    assert select_routing_backend("cpu", "triton") == expected
+    faster = Backend("fast_route", "routing", lambda: None, lambda d: (True, ""), {"*": 99}, pairs_with=("cpu",))
+    monkeypatch.setitem(backends_module._BACKENDS, ("routing", "fast_route"), faster)
+    assert select_routing_backend("cpu", "auto") == "fast_route"
+    assert "fast_route" in available_backends("cpu", kind="routing")
+    with pytest.raises(ValueError, match="unknown routing backend 'nope'"):
+        routing_function("nope")
 
 
 def test_experts_forward_accepts_pair_weights_and_module():
@@ -304,7 +336,7 @@ def test_dispatch_errors():
 def test_cpu_backend_refuses_autograd():
     hidden, w1, w2, ids, weights, _ = make_case(5, 2, 7, torch.float32)
     with pytest.raises(RuntimeError, match="inference-only"):
-        get_backend("cpu").load()(hidden.requires_grad_(), w1, w2, ids, weights)
+        get_backend("cpu").load()(hidden.requires_grad_(), ExpertWeights(w1, w2), ids, weights)
 
 
 # ---- reference routing --------------------------------------------------------------------------
@@ -319,11 +351,14 @@ def _route_oracle(logits: Tensor, k: int, mode: str, renormalize: bool = False, 
     choice = scores + (bias.double() if bias is not None else 0)
     if n_group > 1:
         per = x.shape[1] // n_group
-        group_score = choice.view(-1, n_group, per).topk(2, dim=-1).values.sum(-1)
+        best = 2 if mode == "sigmoid_group" else 1  # DeepSeek-V3: best two; V2 (softmax): best one
+        group_score = choice.view(-1, n_group, per).topk(best, dim=-1).values.sum(-1)
         drop = group_score.argsort(dim=-1, descending=True)[:, topk_group:]
         for row, groups in enumerate(drop.tolist()):
             for grp in groups:
                 choice[row, grp * per : (grp + 1) * per] = float("-inf")
+                if mode == "softmax_topk":
+                    scores[row, grp * per : (grp + 1) * per] = 0.0
     ids = choice.topk(k, dim=-1).indices
     w = scores.gather(1, ids)
     if renormalize:
@@ -343,7 +378,7 @@ _ROUTING_CASES = [
 ] + [
     ("sigmoid_group", {"renormalize": True, "scaling": 2.5, "n_group": 4, "topk_group": 2}, experts, top_k)
     for experts, top_k in [(8, 2), (16, 4), (16, 8)]
-]
+] + [("softmax_topk", {"n_group": 4, "topk_group": 2}, experts, top_k) for experts, top_k in [(8, 2), (16, 6)]]
 
 
 @pytest.mark.parametrize("mode,kwargs,experts,top_k", _ROUTING_CASES)
@@ -352,7 +387,7 @@ def test_reference_route_topk(mode, kwargs, experts, top_k):
     logits = torch.randn(50, experts, generator=g)
     if mode == "sigmoid_group":
         kwargs = {**kwargs, "correction_bias": torch.randn(experts, generator=g) * 0.1}
-    ids, weights = reference_route_topk(logits, top_k, mode=mode, **kwargs)
+    ids, weights = reference_route_topk(logits, kernel_spec(mode, top_k, **kwargs))
     assert ids.dtype == torch.int32 and weights.dtype == torch.float32
     renames = {"correction_bias": "bias"}
     ref_ids, ref_w = _route_oracle(logits, top_k, mode, **{renames.get(k, k): v for k, v in kwargs.items()})
@@ -364,11 +399,11 @@ def test_reference_route_topk(mode, kwargs, experts, top_k):
 
 def test_reference_route_topk_rejects_bad_arguments():
     logits = torch.randn(3, 8)
-    with pytest.raises(ValueError, match="mode"):
-        reference_route_topk(logits, 2, mode="softmax")
+    with pytest.raises(ValueError, match="score_fn"):
+        reference_route_topk(logits, RoutingSpec(top_k=2, score_fn="relu"))
     with pytest.raises(ValueError, match="top_k=9"):
-        reference_route_topk(logits, 9)
-    with pytest.raises(ValueError, match="sigmoid_group"):
-        reference_route_topk(logits, 2, n_group=2)
-    with pytest.raises(ValueError, match="cannot supply"):
-        reference_route_topk(logits, 5, mode="sigmoid_group", n_group=4, topk_group=2)
+        reference_route_topk(logits, RoutingSpec(top_k=9))
+    with pytest.raises(ValueError, match="groups scored by 'max'"):
+        reference_route_topk(logits, RoutingSpec(top_k=2, n_group=2, group_score="top2_sum"))
+    with pytest.raises(ValueError, match="exceeds n_group"):
+        reference_route_topk(logits, kernel_spec("sigmoid_group", 5, n_group=4, topk_group=5))

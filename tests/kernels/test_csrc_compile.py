@@ -113,3 +113,16 @@ def test_extension_builds_links_and_loads(tmp_path):
         module.route_topk(torch.randn(3, 4), None, ids, torch.empty(3, 2), 2, 0, False, 1.0, 1, 1, 0)
     with pytest.raises(RuntimeError, match="topk_ids must be a 2-D CUDA tensor"):
         module.align_block_size(ids, 4, 16, ids, ids, ids, ids, 0)
+
+
+def test_cuda_mode_enum_matches_python_codes():
+    """The CUDA router's RouteMode enum carries the codes of grape_kernels.routing.MODE_CODES."""
+    import re
+
+    from grape_kernels.routing import MODE_CODES
+
+    header = (CSRC / "moe_kernels.h").read_text()
+    body = re.search(r"enum class RouteMode : int32_t \{([^}]*)\}", header).group(1)
+    enum = {name: int(value) for name, value in re.findall(r"k(\w+) = (\d+)", body)}
+    camel = {"".join(part.title() for part in mode.split("_")): code for mode, code in MODE_CODES.items()}
+    assert enum == camel

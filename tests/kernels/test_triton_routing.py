@@ -10,28 +10,20 @@ The grid over E / top_k / tokens / dtype is sampled, not crossed, to keep the in
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import zlib
 
 import pytest
 import torch
+from triton_device import DEVICE, require_interpreted
 
-DEVICE = "cuda" if os.environ.get("GRAPE_TRITON_TEST_DEVICE") == "cuda" else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from grape_kernels.routing import RoutingSpec, route  # noqa: E402
+from grape_kernels.routing import RoutingSpec, kernel_spec, route  # noqa: E402
 from grape_kernels.triton import align_block_size, route_topk  # noqa: E402
 from grape_kernels.triton import routing as triton_routing  # noqa: E402
 
-if DEVICE == "cpu" and not isinstance(triton_routing._route_kernel, InterpretedFunction):
-    raise RuntimeError(
-        "grape_kernels.triton was imported before TRITON_INTERPRET=1 was set; "
-        "set it in tests/conftest.py so the kernels run on the interpreter"
-    )
+require_interpreted(triton_routing._route_kernel)
 
 pytestmark = pytest.mark.interpreter
 
@@ -42,30 +34,36 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _group_keep(key: torch.Tensor, mode: str, n_group: int, topk_group: int) -> torch.Tensor:
+    """Bool (T, E): experts in the chosen groups (groups scored by their two best keys for
+    DeepSeek-V3's sigmoid routing, by their best one for DeepSeek-V2's softmax routing)."""
+    tokens, experts = key.shape
+    if n_group == 1:
+        return torch.ones(tokens, experts, dtype=torch.bool)
+    per_group = experts // n_group
+    best = 2 if mode == "sigmoid_group" else 1
+    group_score = key.view(tokens, n_group, per_group).topk(min(best, per_group), dim=-1).values.sum(dim=-1)
+    chosen = group_score.topk(topk_group, dim=-1).indices
+    keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, chosen, True)
+    return keep.repeat_interleave(per_group, dim=1)
+
+
 def _selection_key(
     logits: torch.Tensor, mode: str, bias: torch.Tensor | None, n_group: int, topk_group: int
 ) -> torch.Tensor:
     """Float64 key the router ranks experts by, with experts of unchosen groups at -inf."""
     x = logits.double().cpu()
-    if mode != "sigmoid_group":
-        return x
-    key = x.sigmoid() + (0.0 if bias is None else bias.double().cpu())
-    if n_group > 1:
-        tokens, experts = key.shape
-        per_group = experts // n_group
-        grouped = key.view(tokens, n_group, per_group)
-        group_score = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
-        chosen = group_score.topk(topk_group, dim=-1).indices
-        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, chosen, True)
-        key = key.masked_fill(~keep.repeat_interleave(per_group, dim=1), float("-inf"))
-    return key
+    key = x.sigmoid() + (0.0 if bias is None else bias.double().cpu()) if mode == "sigmoid_group" else x
+    return key.masked_fill(~_group_keep(key, mode, n_group, topk_group), float("-inf"))
 
 
-def _weights64(logits: torch.Tensor, ids: torch.Tensor, mode: str, renormalize: bool, scaling: float) -> torch.Tensor:
-    """Float64 routing weights of the given ids."""
+def _weights64(logits: torch.Tensor, ids: torch.Tensor, mode: str, renormalize: bool, scaling: float,
+               n_group: int = 1, topk_group: int = 1) -> torch.Tensor:
+    """Float64 routing weights of the given ids (softmax outside the chosen groups: zero)."""
     x, idx = logits.double().cpu(), ids.long().cpu()
     if mode == "softmax_topk":
-        weights = x.softmax(dim=-1).gather(1, idx)
+        probs = x.softmax(dim=-1).masked_fill(~_group_keep(x, mode, n_group, topk_group), 0.0)
+        weights = probs.gather(1, idx)
     elif mode == "topk_softmax":
         weights = x.gather(1, idx).softmax(dim=-1)
     else:
@@ -75,31 +73,10 @@ def _weights64(logits: torch.Tensor, ids: torch.Tensor, mode: str, renormalize: 
     return weights * scaling
 
 
-def _spec(mode: str, top_k: int, renormalize: bool, scaling: float, bias, n_group: int, topk_group: int) -> RoutingSpec:
-    return RoutingSpec(
-        top_k=top_k,
-        score_fn="sigmoid" if mode == "sigmoid_group" else "softmax",
-        topk_before_softmax=mode == "topk_softmax",
-        renormalize=renormalize,
-        scaling=scaling,
-        n_group=n_group,
-        topk_group=topk_group,
-        group_score="top2_sum",
-        correction_bias=None if bias is None else bias.float().cpu(),
-    )
-
-
 def _check_routing(logits, top_k, mode, renormalize=False, scaling=1.0, bias=None, n_group=1, topk_group=1):
-    ids, weights = route_topk(
-        logits,
-        top_k,
-        mode=mode,
-        renormalize=renormalize,
-        scaling=scaling,
-        correction_bias=bias,
-        n_group=n_group,
-        topk_group=topk_group,
-    )
+    spec = kernel_spec(mode, top_k, renormalize=renormalize, scaling=scaling, correction_bias=bias, n_group=n_group,
+                       topk_group=topk_group)
+    ids, weights = route_topk(logits, spec)
     tokens, experts = logits.shape
     assert ids.dtype == torch.int32 and weights.dtype == torch.float32
     assert ids.shape == weights.shape == (tokens, top_k)
@@ -114,11 +91,11 @@ def _check_routing(logits, top_k, mode, renormalize=False, scaling=1.0, bias=Non
     chosen = key.gather(1, ids.long())
     torch.testing.assert_close(chosen, key.topk(top_k, dim=1).values, rtol=0, atol=1e-6)
     torch.testing.assert_close(
-        weights.double(), _weights64(logits, ids, mode, renormalize, scaling), rtol=1e-5, atol=1e-6
+        weights.double(), _weights64(logits, ids, mode, renormalize, scaling, n_group, topk_group), rtol=1e-5, atol=1e-6
     )
 
-    spec = _spec(mode, top_k, renormalize, scaling, bias, n_group, topk_group)
-    ref_ids, ref_weights = route(logits.float().cpu(), spec)
+    cpu_bias = None if bias is None else bias.float().cpu()
+    ref_ids, ref_weights = route(logits.float().cpu(), dataclasses.replace(spec, correction_bias=cpu_bias))
     if logits.dtype == torch.float32:  # fp32 random logits have no ties: exact agreement
         assert torch.equal(ids.long(), ref_ids)
         torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
@@ -134,6 +111,8 @@ ROUTE_CASES = [
     ("softmax_topk", 64, 8, 7, F16, {"renormalize": True}),
     ("softmax_topk", 200, 8, 7, F32, {}),
     ("softmax_topk", 5, 4, 0, F32, {}),
+    ("softmax_topk", 64, 6, 7, F32, {"n_group": 8, "topk_group": 3}),  # DeepSeek-V2 group_limited_greedy
+    ("softmax_topk", 16, 4, 300, F16, {"n_group": 4, "topk_group": 2, "renormalize": True}),
     ("topk_softmax", 5, 4, 7, F32, {}),
     ("topk_softmax", 8, 1, 300, F16, {}),
     ("topk_softmax", 64, 4, 7, F32, {"scaling": 0.5, "renormalize": True}),
@@ -144,6 +123,13 @@ ROUTE_CASES = [
     ("sigmoid_group", 8, 4, 1, F16, {"bias": True, "n_group": 8, "topk_group": 4}),
     ("sigmoid_group", 64, 8, 0, F32, {"n_group": 4, "topk_group": 2}),
 ]
+if DEVICE == "cuda":  # the interpreter computes bfloat16 wrongly (triton-lang/triton#4972): compiled kernels only
+    ROUTE_CASES += [
+        ("softmax_topk", 64, 8, 300, torch.bfloat16, {"renormalize": True}),
+        ("topk_softmax", 32, 4, 300, torch.bfloat16, {}),
+        ("sigmoid_group", 256, 8, 300, torch.bfloat16, {"bias": True, "n_group": 8, "topk_group": 4, "renormalize": True}),
+        ("softmax_topk", 160, 6, 300, torch.bfloat16, {"n_group": 8, "topk_group": 3}),
+    ]
 
 
 @pytest.mark.parametrize("mode, experts, top_k, tokens, dtype, options", ROUTE_CASES)
@@ -173,44 +159,80 @@ def test_route_topk_equals_routing_after_pruning(mode):
     logits = torch.randn(7, 13, generator=gen)
     keep = torch.ones(13, dtype=torch.bool)
     keep[[0, 4, 5, 12]] = False
-    ids, weights = route_topk(logits.masked_fill(~keep, float("-inf")).to(DEVICE), 4, mode=mode, renormalize=True)
-    ref_ids, ref_weights = route(logits, _spec(mode, 4, True, 1.0, None, 1, 1), keep=keep)
+    spec = kernel_spec(mode, 4, renormalize=True)
+    ids, weights = route_topk(logits.masked_fill(~keep, float("-inf")).to(DEVICE), spec)
+    ref_ids, ref_weights = route(logits, spec, keep=keep)
     assert torch.equal(ids.cpu().long(), ref_ids)
     torch.testing.assert_close(weights.cpu(), ref_weights, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["softmax_topk", "sigmoid_group"])
+def test_route_topk_fills_slots_beyond_the_chosen_groups(mode):
+    """top_k above the experts of the chosen groups runs, as transformers' DeepSeek routers do:
+    the eligible experts come first, then the lowest ids outside the chosen groups, weighted by
+    their sigmoid score (V3) or zero (V2, whose probabilities outside the groups are zeroed)."""
+    gen = _generator(13)
+    logits = torch.randn(9, 8, generator=gen)
+    bias = torch.randn(8, generator=gen) * 0.1 if mode == "sigmoid_group" else None
+    options = dict(n_group=4, topk_group=1, renormalize=mode == "sigmoid_group", scaling=2.5)
+    spec = kernel_spec(mode, 3, correction_bias=bias, **options)
+    ids, weights = route_topk(logits.to(DEVICE), dataclasses.replace(spec, correction_bias=_on_device(bias)))
+    ids, weights = ids.cpu().long(), weights.cpu()
+    key = _selection_key(logits, mode, bias, 4, 1)
+    eligible = key.topk(2, dim=1).indices
+    assert torch.equal(ids[:, :2], eligible)
+    outside = torch.isinf(key)
+    assert torch.equal(ids[:, 2], outside.int().argmax(dim=1)), "the lowest id outside the chosen group"
+    expected = _weights64(logits, ids, mode, options["renormalize"], 2.5, 4, 1)
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-5, atol=1e-6)
+    assert (weights[:, 2] == 0).all() == (mode == "softmax_topk")
+    ref_ids, ref_weights = route(logits, spec)
+    assert torch.equal(ref_ids, ids)
+    torch.testing.assert_close(ref_weights, weights, rtol=1e-5, atol=1e-6)
+
+
+def _on_device(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(DEVICE)
+
+
 def test_route_topk_ties_resolve_to_lowest_id():
-    ids, weights = route_topk(torch.zeros(3, 6, device=DEVICE), 4)
+    ids, weights = route_topk(torch.zeros(3, 6, device=DEVICE), kernel_spec("softmax_topk", 4))
     assert ids.cpu().tolist() == [[0, 1, 2, 3]] * 3
     torch.testing.assert_close(weights.cpu(), torch.full((3, 4), 1 / 6))
 
 
+def _softmax(top_k, **fields) -> RoutingSpec:
+    return RoutingSpec(top_k=top_k, **fields)
+
+
+def _grouped(top_k, **fields) -> RoutingSpec:
+    return RoutingSpec(top_k=top_k, score_fn="sigmoid", **{"group_score": "top2_sum", **fields})
+
+
 BAD_ROUTES = [
-    (lambda: (torch.randn(6), 2, {}), "2-D"),
-    (lambda: (torch.randint(0, 3, (4, 6)), 2, {}), "float16/bfloat16/float32"),
-    (lambda: (torch.randn(4, 6), 7, {}), "exceeds the number of experts"),
-    (lambda: (torch.randn(4, 6), 0, {}), "top_k must be >= 1"),
-    (lambda: (torch.randn(4, 6), 2.0, {}), "top_k must be an int"),
-    (lambda: (torch.randn(4, 6), 2, {"mode": "softmax"}), "unknown routing mode"),
-    (lambda: (torch.randn(4, 6), 2, {"correction_bias": torch.zeros(6)}), "only used by mode='sigmoid_group'"),
-    (lambda: (torch.randn(4, 6), 2, {"n_group": 2, "topk_group": 1}), "needs mode='sigmoid_group'"),
-    (lambda: (torch.randn(4, 6), 2, {"mode": "sigmoid_group", "correction_bias": torch.zeros(5)}), "shape \\(6,\\)"),
-    (lambda: (torch.randn(4, 6), 2, {"mode": "sigmoid_group", "n_group": 4}), "equal groups"),
-    (lambda: (torch.randn(4, 6), 2, {"mode": "sigmoid_group", "n_group": 3, "topk_group": 4}), "exceeds n_group"),
-    (lambda: (torch.randn(4, 6), 3, {"mode": "sigmoid_group", "n_group": 3, "topk_group": 1}), "best topk_group"),
-    (lambda: (torch.randn(4, 66), 2, {"mode": "sigmoid_group", "n_group": 33}), "n_group <= 32"),
-    (
-        lambda: (torch.randn(4, 6), 2, {"mode": "sigmoid_group", "correction_bias": torch.zeros(6, device="meta")}),
-        "is on meta",
-    ),
+    (lambda: (torch.randn(6), _softmax(2)), "2-D"),
+    (lambda: (torch.randint(0, 3, (4, 6)), _softmax(2)), "float16/bfloat16/float32"),
+    (lambda: (torch.randn(4, 6), _softmax(7)), "exceeds the number of experts"),
+    (lambda: (torch.randn(4, 6), _softmax(0)), "top_k must be >= 1"),
+    (lambda: (torch.randn(4, 6), _softmax(2.0)), "top_k must be an int"),
+    (lambda: (torch.randn(4, 6), _softmax(2, score_fn="softmax2")), "unknown routing score_fn"),
+    (lambda: (torch.randn(4, 6), _softmax(2, correction_bias=torch.zeros(6))), "only used by sigmoid routing"),
+    (lambda: (torch.randn(4, 6), _softmax(2, n_group=2, group_score="top2_sum")), "groups scored by 'max'"),
+    (lambda: (torch.randn(4, 6), _softmax(2, n_group=2, topk_before_softmax=True)), "no kernel for top-k before"),
+    (lambda: (torch.randn(4, 6), _grouped(2, n_group=2, group_score="max")), "groups scored by 'top2_sum'"),
+    (lambda: (torch.randn(4, 6), _grouped(2, correction_bias=torch.zeros(5))), "shape \\(6,\\)"),
+    (lambda: (torch.randn(4, 6), _grouped(2, n_group=4)), "equal groups"),
+    (lambda: (torch.randn(4, 6), _grouped(2, n_group=3, topk_group=4)), "exceeds n_group"),
+    (lambda: (torch.randn(4, 66), _grouped(2, n_group=33)), "n_group <= 32"),
+    (lambda: (torch.randn(4, 6), _grouped(2, correction_bias=torch.zeros(6, device="meta"))), "is on meta"),
 ]
 
 
 @pytest.mark.parametrize("make, match", BAD_ROUTES)
 def test_route_topk_rejects_bad_input(make, match):
-    logits, top_k, options = make()
+    logits, spec = make()
     with pytest.raises(ValueError, match=match):
-        route_topk(logits, top_k, **options)
+        route_topk(logits, spec)
 
 
 def _align_reference(ids: torch.Tensor, experts: int, block_m: int) -> tuple[list[int], list[int]]:

@@ -34,6 +34,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
+from grape_kernels.expert_weights import ExpertWeights  # noqa: E402
+from grape_kernels.routing import kernel_spec  # noqa: E402
 from grape_kernels.triton import align_block_size, fused_experts, route_topk  # noqa: E402
 from grape_kernels.triton.tuning import DEFAULT_TABLE_PATH, TuningTable, fit_shared_memory  # noqa: E402
 
@@ -76,27 +78,21 @@ def _compile_instead_of_launch(self: JITFunction, *args, grid, warmup, **kwargs)
     print(json.dumps({k: v for k, v in record.items() if k != "signature"}), flush=True)
 
 
-def _experts_inputs(dtype: torch.dtype, transposed: bool, with_bias: bool) -> dict:
+def _experts_inputs(dtype: torch.dtype, transposed: bool, with_bias: bool) -> tuple:
+    """(hidden, weights, topk_ids, topk_weights) of one layer call; values are never read."""
     tokens, experts, top_k, width, inter = 64, 8, 2, 256, 192
     shape_gu = (experts, width, 2 * inter) if transposed else (experts, 2 * inter, width)
     shape_d = (experts, inter, width) if transposed else (experts, width, inter)
     ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)]).to(torch.int32)
-    inputs = dict(
-        hidden=torch.empty((tokens, width), dtype=dtype),
-        w_gate_up=torch.empty(shape_gu, dtype=dtype),
-        w_down=torch.empty(shape_d, dtype=dtype),
-        topk_ids=ids,
-        topk_weights=torch.empty((tokens, top_k), dtype=torch.float32),
-        transposed=transposed,
-    )
+    weights = ExpertWeights(torch.empty(shape_gu, dtype=dtype), torch.empty(shape_d, dtype=dtype), transposed=transposed)
     if with_bias:
-        inputs.update(
+        weights = weights._replace(
             gate_up_bias=torch.empty((experts, 2 * inter), dtype=dtype),
             down_bias=torch.empty((experts, width), dtype=dtype),
             activation="gpt_oss",
             interleaved=True,
         )
-    return inputs
+    return torch.empty((tokens, width), dtype=dtype), weights, ids, torch.empty((tokens, top_k), dtype=torch.float32)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     JITFunction.run = _compile_instead_of_launch
 
     logits = torch.empty((5, 64), dtype=torch.bfloat16)
-    route_topk(logits, 4, renormalize=True)
-    route_topk(logits, 4, mode="topk_softmax")
-    route_topk(
-        logits, 8, mode="sigmoid_group", correction_bias=torch.empty(64), n_group=8, topk_group=4, renormalize=True
-    )
+    route_topk(logits, kernel_spec("softmax_topk", 4, renormalize=True))
+    route_topk(logits, kernel_spec("topk_softmax", 4))
+    grouped = kernel_spec("sigmoid_group", 8, correction_bias=torch.empty(64), n_group=8, topk_group=4, renormalize=True)
+    route_topk(logits, grouped)
+    route_topk(logits, kernel_spec("softmax_topk", 6, n_group=8, topk_group=3))  # DeepSeek-V2 group-limited
     align_block_size(torch.zeros((5, 4), dtype=torch.int64), 64, 16)
 
     table = TuningTable.load(DEFAULT_TABLE_PATH)
@@ -121,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(configs[0], torch.bfloat16, 0), (configs[-1], torch.bfloat16, 1), (configs[-1], torch.float32, 0)]
     for config, dtype, variant in plan:
         fitted = fit_shared_memory(config, torch.empty((), dtype=dtype).element_size(), H100_SHARED_MEMORY)
-        fused_experts(**_experts_inputs(dtype, transposed=bool(variant), with_bias=bool(variant)), config=fitted)
+        fused_experts(*_experts_inputs(dtype, transposed=bool(variant), with_bias=bool(variant)), config=fitted)
 
     failed = [r for r in RESULTS if not r["ok"]]
     print(json.dumps({"compiled": len(RESULTS), "failed": len(failed)}))
