@@ -185,10 +185,16 @@ def test_other_flag_combinations(backend, activation, interleaved):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("gpt_oss", [False, True], ids=["mixtral", "gpt_oss"])
-def test_cpu_backend_large_weights_take_every_gemm_formulation(dtype, gpt_oss):
+@pytest.mark.parametrize("packing", ["plain", "packed"])
+def test_cpu_backend_large_weights_take_every_gemm_formulation(dtype, gpt_oss, packing, monkeypatch):
     """Weights past the size thresholds, experts receiving 1, 2-3 and >= 4 rows: every GEMM
-    formulation of the CPU path (oneDNN, weight-major, ATen GEMV, mm) meets the oracle."""
+    formulation of the CPU path meets the oracle, on the plain weights (oneDNN, weight-major,
+    ATen GEMV, mm; packing disabled) and on the packed copies (``ops.cpu_prepack``)."""
     from grape_kernels.ops import cpu as cpu_ops
+    from grape_kernels.ops import cpu_prepack
+
+    monkeypatch.setenv("GRAPE_CPU_PREPACK_GB", "0" if packing == "plain" else "1")
+    cpu_prepack.release_prepacked()
 
     g = _gen("large", str(dtype), gpt_oss)
     hidden_size, inter, experts = 512, 2048, 4
@@ -218,6 +224,8 @@ def test_cpu_backend_large_weights_take_every_gemm_formulation(dtype, gpt_oss):
     check(out, ref, dtype)
     decode = run("cpu", hidden[:1], w1, w2, ids[:1], weights[:1], **biases, **flags)
     check(decode, ref[:1], dtype)
+    assert (cpu_prepack.prepacked_bytes() > 0) == (packing == "packed" and cpu_prepack._ONEDNN)
+    cpu_prepack.release_prepacked()
 
 
 @pytest.mark.interpreter
