@@ -249,8 +249,9 @@ def test_triton_backend_gpt_oss_layout():
 
 # ---- dispatch -------------------------------------------------------------------------------
 def test_select_backend_by_device():
-    assert select_backend("cpu") == "cpu"
-    assert select_backend(torch.device("cpu")) == "cpu"
+    cpu_choice = "vllm_cpu" if get_backend("vllm_cpu").usable(torch.device("cpu"))[0] else "cpu"
+    assert select_backend("cpu") == cpu_choice
+    assert select_backend(torch.device("cpu")) == cpu_choice
     assert select_backend("cuda") == ("triton" if get_backend("triton").usable(torch.device("cuda"))[0] else "dense")
     assert select_backend("meta") == "dense"
     assert {"cpu", "dense", "reference"} <= set(available_backends("cpu"))
@@ -274,7 +275,8 @@ def test_routing_backend_pairs_by_priority(monkeypatch):
     assert select_routing_backend("cpu", "reference") == "reference"
     expected = "triton" if TRITON_HERE else None
     assert select_routing_backend("cpu", "triton") == expected
-    faster = Backend("fast_route", "routing", lambda: None, lambda d: (True, ""), {"*": 99}, pairs_with=("cpu",))
+    faster = Backend("fast_route", "routing", lambda: None, lambda d: (True, ""), {"*": 99},
+                     pairs_with=("cpu", "vllm_cpu"))
     monkeypatch.setitem(backends_module._BACKENDS, ("routing", "fast_route"), faster)
     assert select_routing_backend("cpu", "auto") == "fast_route"
     assert "fast_route" in available_backends("cpu", kind="routing")
