@@ -33,7 +33,7 @@ from grape_kernels.ops.common import check_experts_inputs
 from grape_kernels.ops.cpu import cpu_experts
 from grape_kernels.ops.cpu_prepack import cached_copy
 
-__all__ = ["vllm_cpu_experts", "vllm_cpu_ops", "vllm_wins"]
+__all__ = ["vllm_cpu_experts", "vllm_cpu_ops", "vllm_isa", "vllm_wins"]
 
 #: vLLM's CPU kernels need both hidden and intermediate sizes in multiples of this.
 _ALIGNMENT = 32
@@ -71,7 +71,8 @@ def _vllm_runs(hidden: torch.Tensor, weights: ExpertWeights) -> bool:
     )
 
 
-def _isa(dtype: torch.dtype) -> str:
+def vllm_isa(dtype: torch.dtype) -> str:
+    """The ISA variant of vLLM's kernel for ``dtype`` here: ``amx`` for bfloat16 on AMX CPUs, else ``vec``."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     return "amx" if amx and dtype == torch.bfloat16 else "vec"
 
@@ -89,7 +90,7 @@ def vllm_cpu_experts(
     check_experts_inputs(hidden, weights, topk_ids, topk_weights)  # ids too: the kernel trusts them
     if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, topk_weights, weights.w_gate_up, weights.w_down)):
         raise RuntimeError("the vllm_cpu experts backend is inference-only; call it under torch.no_grad()")
-    isa = _isa(hidden.dtype)
+    isa = vllm_isa(hidden.dtype)
     w13 = cached_copy(weights.w_gate_up, f"vllm-{isa}", lambda w: ops.cpu_prepack_moe_weight(w, isa))
     w2 = cached_copy(weights.w_down, f"vllm-{isa}", lambda w: ops.cpu_prepack_moe_weight(w, isa))
     if w13 is None or w2 is None:  # past the packing budget
