@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import json
 import os
 import shutil
@@ -51,6 +52,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 MODELS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss")
 MODES = ("default", "grape")
+#: Modules transformers' model tests import that grape does not need (``pip install grape-moe[suites]``).
+TEST_REQUIREMENTS = ("parameterized", "httpx")
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 
 
@@ -330,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.backend != "auto":
             get_backend(args.backend)
+        missing = [name for name in TEST_REQUIREMENTS if importlib.util.find_spec(name) is None]
+        if missing:
+            raise SuiteError(f"transformers' tests need {', '.join(missing)}: pip install {' '.join(missing)}")
         options = Options(args.backend, args.keyword, args.hidden_act)
         checkout = args.transformers_tests.expanduser().resolve()
         check_checkout(checkout, models)
