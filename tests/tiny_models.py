@@ -57,12 +57,23 @@ def tiny_config(arch: str):
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "gpt_oss")
 
 
-def build_tiny_model(arch: str, directory: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Random ``arch`` model saved with ``save_pretrained`` (router/correction biases randomised)."""
+def build_tiny_model(
+    arch: str, directory: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32, **config_overrides
+) -> Path:
+    """Random ``arch`` model saved with ``save_pretrained`` (router/correction biases randomised).
+
+    ``config_overrides`` replace entries of :func:`tiny_config` (e.g. the larger head sizes that
+    vLLM's CPU attention kernels need).
+    """
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = tiny_config(arch)
+    if config_overrides:
+        # Rebuilt rather than set, so that derived fields (DeepSeek's qk_head_dim) follow.
+        derived = {"qk_head_dim", "head_dim"} - set(config_overrides)
+        base = {k: v for k, v in config.to_dict().items() if k not in derived}
+        config = type(config).from_dict(base | config_overrides)
     config.dtype = dtype
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     with torch.no_grad():

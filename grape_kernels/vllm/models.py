@@ -23,20 +23,10 @@ import torch
 
 from grape_kernels.architectures import get_adapter
 from grape_kernels.vllm.ragged import check_parallel_config, expert_counts, layerwise_expert_counts
+from grape_kernels.vllm.weights import PUBLISHED_EXPERT_NAMES, as_published
 
 PREFIX = "Grape"
 _classes: dict[str, type] = {}
-
-# grape writes weights under transformers 5's module names (``mlp.gate``, fused
-# ``mlp.experts.gate_up_proj`` / ``down_proj``). Where vLLM's class names a module otherwise,
-# the names are mapped (substring -> substring) before vLLM's own loader sees them.
-CHECKPOINT_RENAMES: dict[str, dict[str, str]] = {
-    "MixtralForCausalLM": {
-        ".mlp.gate.": ".block_sparse_moe.gate.",
-        ".mlp.experts.gate_up_proj": ".block_sparse_moe.experts.w13",
-        ".mlp.experts.down_proj": ".block_sparse_moe.experts.w2",
-    },
-}
 
 
 def stock_class(architecture: str) -> type:
@@ -65,18 +55,11 @@ def _set_model_wide_counts(model, counts: list[int | None]) -> None:
         )
 
 
-def _renamed(weights: Iterable[tuple[str, torch.Tensor]], renames: dict[str, str]):
-    for name, tensor in weights:
-        for old, new in renames.items():
-            name = name.replace(old, new)
-        yield name, tensor
-
-
 def make_ragged_class(architecture: str) -> type:
     """``Grape<architecture>``: vLLM's class for ``architecture`` with per-layer expert counts."""
     stock = stock_class(architecture)
     model_module = sys.modules[stock.__module__]
-    renames = CHECKPOINT_RENAMES.get(architecture, {})
+    published = PUBLISHED_EXPERT_NAMES.get(architecture)
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         hf_config = vllm_config.model_config.hf_config
@@ -92,8 +75,8 @@ def make_ragged_class(architecture: str) -> type:
         _set_model_wide_counts(self, counts)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
-        if self.grape_experts_per_layer is not None and renames:
-            weights = _renamed(weights, renames)
+        if self.grape_experts_per_layer is not None and published is not None:
+            weights = as_published(weights, published)
         return stock.load_weights(self, weights)
 
     name = f"{PREFIX}{architecture}"

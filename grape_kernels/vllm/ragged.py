@@ -35,6 +35,7 @@ __all__ = [
     "is_ragged",
     "check_parallel_config",
     "layerwise_expert_counts",
+    "built_expert_counts",
 ]
 
 
@@ -117,3 +118,19 @@ def layerwise_expert_counts(
         yield
     finally:
         model_module.make_layers = stock_make_layers
+
+
+def built_expert_counts(model) -> dict[int, int]:
+    """Routed experts of each MoE layer as vLLM built it (decoder layer index -> count).
+
+    Run inside a worker with ``LLM.apply_model(built_expert_counts)``; it reads vLLM's own
+    fused-MoE layers, so it shows what will execute, not what the config says.
+    """
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner_interface import MoERunnerInterface
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return {
+        extract_layer_index(name): int(module.moe_config.num_logical_experts)
+        for name, module in model.named_modules()
+        if isinstance(module, MoERunnerInterface)
+    }
