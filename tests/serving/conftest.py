@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+
 @pytest.fixture(scope="session")
 def pruned_shared_model(shared_model, tmp_path_factory) -> Path:
     """The trained Mixtral in ../shared pruned by GRAPE at 50% of its experts."""
