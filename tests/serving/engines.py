@@ -17,11 +17,11 @@ MAX_MODEL_LEN = 128
 
 
 @contextmanager
-def vllm_engine(model: Path, dtype: str):
+def vllm_engine(model: Path, dtype: str, **options):
     """A ``vllm.LLM`` on ``model`` with no grape-specific flags, shut down on exit."""
     from vllm import LLM
 
-    llm = LLM(model=str(model), dtype=dtype, max_model_len=MAX_MODEL_LEN, enforce_eager=True, seed=0)
+    llm = LLM(model=str(model), dtype=dtype, max_model_len=MAX_MODEL_LEN, enforce_eager=True, seed=0, **options)
     try:
         yield llm
     finally:

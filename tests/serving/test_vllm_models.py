@@ -10,6 +10,7 @@ point); the reference is transformers running the checkpoint's own ``modeling_gr
   greedy tokens are the argmax of transformers' logits at every step (one teacher-forced
   transformers pass checks the whole greedy sequence).
 - bf16: prompt logprobs agree within ``BF16_LOGPROB_TOL``.
+- fp32 with tensor parallelism over two ranks (shared model): the same greedy check.
 
 DeepSeek-V2/V3 use MLA attention, which vLLM's CPU kernels compute differently from transformers
 beyond the first position (about 1e-3 to 5e-2 in fp32 logprobs, measured on the *unpruned* tiny
@@ -22,6 +23,7 @@ and shared experts, dense first layer) is compared exactly; longer prompts are c
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -88,14 +90,29 @@ def _max_prompt_logprob_gap(reference: list[torch.Tensor], got: list[list[float]
 
 
 def test_fp32_greedy_tokens_equal_transformers(case):
+    _check_fp32_greedy(*case)
+
+
+@pytest.mark.skipif(
+    (torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count()) < 2,
+    reason="tensor parallelism over 2 ranks needs 2 GPUs (or 2 CPU cores)",
+)
+def test_tensor_parallel_fp32_greedy_tokens_equal_transformers(pruned_shared_model, monkeypatch):
+    """Two ranks, each holding half of every expert of every (ragged) layer."""
+    if not torch.cuda.is_available():
+        # vLLM-CPU binds each rank's threads to cores and needs them named on a one-NUMA-node machine.
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    _check_fp32_greedy("shared-grape50 tp=2", pruned_shared_model, tensor_parallel_size=2)
+
+
+def _check_fp32_greedy(name: str, checkpoint, **engine_options) -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    name, checkpoint = case
     counts = json.loads((checkpoint / "config.json").read_text())["grape_experts_per_layer"]
     mla = name in MLA_ARCHS
     seed, prompts = _fresh_prompts(checkpoint, 12 if mla else 4, (1, 1) if mla else (3, 10))
-    with vllm_engine(checkpoint, "float32") as llm:
+    with vllm_engine(checkpoint, "float32", **engine_options) as llm:
         built = llm.apply_model(built_expert_counts)[0]
         params = SamplingParams(temperature=0, max_tokens=1 if mla else NEW_TOKENS, ignore_eos=True, logprobs=1)
         outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
