@@ -47,12 +47,11 @@ def _set_model_wide_counts(model, counts: list[int | None]) -> None:
     if hasattr(model, "num_physical_experts"):
         redundant = int(getattr(model, "num_redundant_experts", 0) or 0)
         model.num_physical_experts = largest + redundant
-    if hasattr(model, "num_local_physical_experts"):
+    runners = getattr(model, "moe_layers", ())
+    if hasattr(model, "num_local_physical_experts") and runners:
         # Without EPLB (refused for ragged checkpoints) each rank holds its share of a layer's
         # experts; the model-wide figure is the share of the largest layer.
-        model.num_local_physical_experts = max(
-            runner.moe_config.num_local_experts for runner in getattr(model, "moe_layers", ())
-        )
+        model.num_local_physical_experts = max(runner.moe_config.num_local_experts for runner in runners)
 
 
 def make_ragged_class(architecture: str) -> type:
@@ -64,15 +63,15 @@ def make_ragged_class(architecture: str) -> type:
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         hf_config = vllm_config.model_config.hf_config
         counts = expert_counts(hf_config)
-        self.grape_experts_per_layer = counts
         if counts is None:
             stock.__init__(self, vllm_config=vllm_config, prefix=prefix)
-            return
-        check_parallel_config(vllm_config, counts)
-        count_key = get_adapter(hf_config).count_key
-        with layerwise_expert_counts(model_module, hf_config, count_key, counts):
-            stock.__init__(self, vllm_config=vllm_config, prefix=prefix)
-        _set_model_wide_counts(self, counts)
+        else:
+            check_parallel_config(vllm_config, counts)
+            count_key = get_adapter(hf_config).count_key
+            with layerwise_expert_counts(model_module, hf_config, count_key, counts):
+                stock.__init__(self, vllm_config=vllm_config, prefix=prefix)
+            _set_model_wide_counts(self, counts)
+        self.grape_experts_per_layer = counts
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
         if self.grape_experts_per_layer is not None and published is not None:
