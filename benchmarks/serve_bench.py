@@ -220,7 +220,7 @@ def main() -> None:
         )
         text = (
             "# Serving: vLLM vs transformers, pruned vs unpruned\n\n"
-            f"Written by `benchmarks/serve_bench.py` ({args.rounds} interleaved rounds). Machine: {machine}; "
+            f"Written by `benchmarks/serve_bench.py` (rounds: {args.rounds}, interleaved). Machine: {machine}; "
             f"vLLM {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}. "
             f"Models: unpruned `{args.unpruned.name}`, pruned = GRAPE 50% of its experts. Peak RSS sums the "
             "process and its children (vLLM's engine core and worker; vLLM-CPU reserves "
