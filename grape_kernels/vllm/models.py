@@ -23,7 +23,7 @@ import torch
 
 from grape_kernels.architectures import get_adapter
 from grape_kernels.vllm.ragged import check_parallel_config, expert_counts, layerwise_expert_counts
-from grape_kernels.vllm.weights import PUBLISHED_EXPERT_NAMES, as_published
+from grape_kernels.vllm.weights import layout_for
 
 PREFIX = "Grape"
 _classes: dict[str, type] = {}
@@ -58,7 +58,7 @@ def make_ragged_class(architecture: str) -> type:
     """``Grape<architecture>``: vLLM's class for ``architecture`` with per-layer expert counts."""
     stock = stock_class(architecture)
     model_module = sys.modules[stock.__module__]
-    published = PUBLISHED_EXPERT_NAMES.get(architecture)
+    present = layout_for(architecture)
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         hf_config = vllm_config.model_config.hf_config
@@ -74,8 +74,8 @@ def make_ragged_class(architecture: str) -> type:
         self.grape_experts_per_layer = counts
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
-        if self.grape_experts_per_layer is not None and published is not None:
-            weights = as_published(weights, published)
+        if self.grape_experts_per_layer is not None and present is not None:
+            weights = present(weights)
         return stock.load_weights(self, weights)
 
     name = f"{PREFIX}{architecture}"

@@ -9,17 +9,23 @@ published in, and so the names vLLM's model classes load, hold one 2-D tensor pe
 loaders accept the fused form, others (DeepSeek's) only the per-expert one; all of them send a
 per-expert tensor through the layer's own expert map, which places it right under expert
 parallelism for that layer's count. So the fused tensors are split into per-expert views
-(no copies) under the published names. GPT-OSS is published fused and is left as it is.
+(no copies) under the published names.
+
+GPT-OSS is published fused, but vLLM's fused GPT-OSS loader slices expert-parallel ranks with
+the model-wide count; its per-expert ("streamed") path, ``mlp.experts.{e}.gate_up_proj`` and so
+on, goes through the layer's expert map instead. So GPT-OSS tensors are split per expert too,
+each keeping its fused layout and name (:func:`per_expert_slices`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-__all__ = ["PublishedExpertNames", "PUBLISHED_EXPERT_NAMES", "as_published"]
+__all__ = ["PublishedExpertNames", "PUBLISHED_EXPERT_NAMES", "as_published", "per_expert_slices", "layout_for"]
 
 _FUSED_GATE_UP = ".mlp.experts.gate_up_proj"
 _FUSED_DOWN = ".mlp.experts.down_proj"
@@ -69,3 +75,25 @@ def as_published(
             yield name.replace(_ROUTER, f".{names.block}.gate."), tensor
         else:
             yield name, tensor
+
+
+_GPT_OSS_EXPERT_TENSORS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+
+
+def per_expert_slices(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """GPT-OSS: ``mlp.experts.<tensor>`` (E, ...) as ``mlp.experts.<e>.<tensor>`` views."""
+    for name, tensor in weights:
+        prefix, _, tensor_name = name.rpartition(".mlp.experts.")
+        if prefix and tensor_name in _GPT_OSS_EXPERT_TENSORS:
+            for index in range(tensor.shape[0]):
+                yield f"{prefix}.mlp.experts.{index}.{tensor_name}", tensor[index]
+        else:
+            yield name, tensor
+
+
+def layout_for(architecture: str):
+    """The function that presents a grape checkpoint's weights to ``architecture``'s loader, if any."""
+    if architecture == "GptOssForCausalLM":
+        return per_expert_slices
+    names = PUBLISHED_EXPERT_NAMES.get(architecture)
+    return None if names is None else partial(as_published, names=names)
