@@ -58,34 +58,35 @@ ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_
 
 
 def build_tiny_model(
-    arch: str, directory: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32, **config_overrides
+    arch: str, directory: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32, **config_changes
 ) -> Path:
     """Random ``arch`` model saved with ``save_pretrained`` (router/correction biases randomised).
 
-    ``config_overrides`` replace entries of :func:`tiny_config` (e.g. the larger head sizes that
-    vLLM's CPU attention kernels need).
+    ``config_changes`` override attributes of :func:`tiny_config` (e.g. ``hidden_size=64``).
     """
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = tiny_config(arch)
-    if config_overrides:
-        # Rebuilt rather than set, so that derived fields (DeepSeek's qk_head_dim) follow.
-        derived = {"qk_head_dim", "head_dim"} - set(config_overrides)
-        base = {k: v for k, v in config.to_dict().items() if k not in derived}
-        config = type(config).from_dict(base | config_overrides)
     config.dtype = dtype
+    for name, value in config_changes.items():
+        setattr(config, name, value)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
+    randomize_moe_weights(model)
+    model.save_pretrained(directory)
+    save_tiny_tokenizer(directory)
+    return directory
+
+
+def randomize_moe_weights(model, bias_range: tuple[float, float] = (-0.1, 0.1)) -> None:
+    """Spread routers and experts (N(0, 0.3)) so routing is decisive; correction biases uniform in ``bias_range``."""
     with torch.no_grad():
         for name, tensor in model.named_parameters():
             if "experts" in name or "gate" in name or "router" in name:
                 tensor.normal_(0.0, 0.3)
         for name, buf in model.named_buffers():
             if "e_score_correction_bias" in name:
-                buf.uniform_(-0.1, 0.1)
-    model.save_pretrained(directory)
-    save_tiny_tokenizer(directory)
-    return directory
+                buf.uniform_(*bias_range)
 
 
 SAMPLE_TEXT = (

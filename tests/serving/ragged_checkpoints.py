@@ -29,6 +29,7 @@ WIDE_HEADS = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, 
 MLA_CPU = dict(
     hidden_size=64, num_attention_heads=2, num_key_value_heads=2,
     kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32,
+    qk_head_dim=96, head_dim=64,  # derived by the config class from the two above; set, not derived
 )
 VLLM_CPU_CONFIG = {
     "mixtral": WIDE_HEADS,
