@@ -2,8 +2,8 @@
 
 Usage (in the serve environment, from the repository root)::
 
-    /work/venvs/serve/bin/python benchmarks/serve_bench.py            # the model in ../shared
-    /work/venvs/serve/bin/python benchmarks/serve_bench.py --unpruned MODEL --pruned PRUNED_DIR
+    $GRAPE_SERVE_VENV/bin/python benchmarks/serve_bench.py            # the model in ../shared
+    $GRAPE_SERVE_VENV/bin/python benchmarks/serve_bench.py --unpruned MODEL --pruned PRUNED_DIR
 
 Without ``--pruned`` the unpruned model is pruned by GRAPE at 50% into a temporary folder.
 Each configuration (runner x model x dtype) runs in a fresh process, one at a time: the
