@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from grape.errors import InputError
+
 __all__ = [
     "BudgetError",
     "LayerLimits",
@@ -31,7 +33,7 @@ __all__ = [
 ]
 
 
-class BudgetError(ValueError):
+class BudgetError(InputError):
     """The requested pruning budget cannot be met by a valid model."""
 
 

@@ -7,9 +7,13 @@ work and exits with status 2 and a one-line message on bad input, never a traceb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -40,8 +44,10 @@ def _add_calibration_flags(parser: argparse.ArgumentParser, *, required: bool = 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grape", description="Prune Mixture-of-Experts language models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    every = argparse.ArgumentParser(add_help=False)
+    every.add_argument("--debug", action="store_true", help="show the traceback of an error (also GRAPE_DEBUG=1)")
 
-    p = sub.add_parser("prune", help="remove or merge whole experts (GRAPE or a baseline)")
+    p = sub.add_parser("prune", parents=[every], help="remove or merge whole experts (GRAPE or a baseline)")
     p.add_argument("model", help="model directory (or Hub id where the network allows)")
     from grape.methods import available_methods
 
@@ -59,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_prune)
 
-    s = sub.add_parser("sparsify", help="unstructured or N:M weight sparsity inside experts (MoE-Pruner)")
+    s = sub.add_parser("sparsify", parents=[every], help="unstructured or N:M weight sparsity inside experts (MoE-Pruner)")
     s.add_argument("model")
     s.add_argument("--method", default="moe_pruner", choices=["moe_pruner", "wanda", "magnitude"])
     s.add_argument("--sparsity", type=float, required=True, help="fraction of expert weights to zero, in [0, 1)")
@@ -69,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_cmd_sparsify)
 
-    d = sub.add_parser("distill", help="expert-wise knowledge distillation of a pruned model")
+    d = sub.add_parser("distill", parents=[every], help="expert-wise knowledge distillation of a pruned model")
     d.add_argument("student")
     d.add_argument("--teacher", required=True)
     d.add_argument("--data", required=True, help="training text (same formats as --calib)")
@@ -85,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true")
     d.set_defaults(func=_cmd_distill)
 
-    e = sub.add_parser("eval", help="perplexity (and lm-eval tasks where installed)")
+    e = sub.add_parser("eval", parents=[every], help="perplexity (and lm-eval tasks where installed)")
     e.add_argument("model")
     e.add_argument("--ppl", action="append", default=[], help="text file/folder to compute perplexity on (repeatable)")
     e.add_argument("--seq-len", type=_positive_int, default=512)
@@ -97,14 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", dest="json_out", default=None, help="write results here")
     e.set_defaults(func=_cmd_eval)
 
-    i = sub.add_parser("info", help="per-layer experts, parameters and bytes (before/after with --compare)")
+    i = sub.add_parser("info", parents=[every], help="per-layer experts, parameters and bytes (before/after with --compare)")
     i.add_argument("model")
     i.add_argument("--compare", default=None, help="another checkpoint (e.g. the original) to compare with")
     i.add_argument("--sparsity", action="store_true", help="also count exact zeros per layer and tensor type")
     i.add_argument("--json", dest="json_out", default=None)
     i.set_defaults(func=_cmd_info)
 
-    demo = sub.add_parser("demo", help="train/prune/evaluate a small MoE end to end (no Hub, no GPU)")
+    demo = sub.add_parser("demo", parents=[every], help="train/prune/evaluate a small MoE end to end (no Hub, no GPU)")
     demo.add_argument("--work-dir", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="fewer calibration samples and eval tokens")
     demo.add_argument("--model", default=None, help="use this trained MoE directory instead of training one")
@@ -211,18 +217,80 @@ def _cmd_demo(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``grape`` command; returns the exit status (0 ok, 2 error, 130/143 interrupted).
+
+    Every error reaches the user as one line ``grape <command>: error: ...``; ``--debug`` or
+    ``GRAPE_DEBUG=1`` re-raises it with its traceback instead.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("GRAPE_DEBUG", "") not in ("", "0")
     func: Callable = args.func
-    try:
-        func(args)
-    except KeyboardInterrupt:
-        print("grape: interrupted; no output was written", file=sys.stderr)
-        return 130
-    except (ValueError, FileExistsError, FileNotFoundError, ImportError) as exc:
-        print(f"grape {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    with _one_line_warnings(), _sigterm_interrupts():
+        try:
+            func(args)
+        except _Terminated:
+            print(f"grape {args.command}: terminated; no output was written", file=sys.stderr)
+            return 143
+        except KeyboardInterrupt:
+            print(f"grape {args.command}: interrupted; no output was written", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            if debug:
+                raise
+            print(f"grape {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
     return 0
+
+
+def _one_line(exc: Exception) -> str:
+    """The user-facing line for ``exc``: our own messages as they are, OS errors explained,
+    anything else marked as a bug with the way to see its traceback."""
+    from grape.errors import GrapeError, describe_os_error
+
+    if isinstance(exc, (GrapeError, ValueError, ImportError)):
+        text = str(exc)
+    elif isinstance(exc, OSError):
+        text = describe_os_error(exc)
+    else:
+        text = f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback and report it"
+    return " ".join(text.split()) or type(exc).__name__
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every cleanup path (temporary output, lock) runs."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    def terminate(_signum, _frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """grape's own warnings print as ``grape: warning: ...``; other libraries' keep their format."""
+    from grape.errors import GrapeWarning
+
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, GrapeWarning):
+            print(f"grape: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from grape.errors import InputError
+
 __all__ = [
     "CalibrationDataError",
     "load_texts",
@@ -32,7 +34,7 @@ __all__ = [
 _LOCAL_SUFFIXES = (".txt", ".jsonl")
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(InputError):
     """Calibration or evaluation text is missing, empty, malformed or too short."""
 
 
