@@ -157,7 +157,7 @@ def test_interrupted_run_leaves_nothing_and_rerun_succeeds(model_dir, calib, tmp
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     cache = tmp_path / "cache" / "stats"
-    while time.time() < deadline and not list(cache.glob("*/layer_0000.pt")):
+    while time.time() < deadline and not list(cache.glob("*/layer_0000.safetensors")):
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) != 0
