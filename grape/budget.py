@@ -29,6 +29,7 @@ __all__ = [
     "requested_removals",
     "uniform_removals",
     "global_removals_total",
+    "check_removes_some",
     "allocate_greedy",
 ]
 
@@ -157,6 +158,32 @@ def global_removals_total(
             f"each keeps its minimum"
         )
     return total
+
+
+def check_removes_some(
+    limits: Mapping[int, LayerLimits],
+    removals: int,
+    *,
+    ratio: float | None = None,
+    keep_experts: int | None = None,
+) -> None:
+    """Raise unless a budget that removes ``removals`` experts in total removes at least one.
+
+    A ratio rounds to whole experts per layer (whole groups in grouped layers), so a small ratio
+    can remove nothing at all; pruning would then write a copy of the model and call it pruned.
+    """
+    if removals > 0:
+        return
+    if ratio is not None:
+        smallest = min(0.5 * lim.n_group / lim.num_experts for lim in limits.values())
+        raise BudgetError(
+            f"--experts-ratio {ratio:g} removes no expert (it rounds to 0 in every layer); "
+            f"use a ratio of at least {smallest:.4g}"
+        )
+    raise BudgetError(
+        f"--keep-experts {keep_experts} keeps every expert of every layer, so it removes none; "
+        "ask to keep fewer"
+    )
 
 
 class StepSequence(Protocol):

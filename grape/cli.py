@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -162,26 +163,30 @@ def _cmd_distill(args) -> None:
 
 
 def _cmd_eval(args) -> None:
-    from transformers import AutoTokenizer
-
     from grape.checkpoint import load_pruned
+    from grape.errors import InputError
     from grape.evaluation import evaluate_tasks, perplexity
-    from grape.model_io import resolve_model_path
-    from grape.prune import parse_dtype
+    from grape.model_io import check_positions, load_config, load_tokenizer, parse_dtype, resolve_model_path
 
     if not args.ppl and not args.tasks:
-        raise ValueError("nothing to evaluate: give --ppl FILE and/or --tasks")
+        raise InputError("nothing to evaluate: give --ppl FILE and/or --tasks")
     path = resolve_model_path(args.model)
+    check_positions(load_config(path), args.seq_len)
     kwargs = {"dtype": parse_dtype(args.dtype) or "auto"}
     if args.experts_implementation:
         import grape_kernels  # noqa: F401  (registers the "grape" experts implementation)
 
         kwargs["experts_implementation"] = args.experts_implementation
+    tokenizer = load_tokenizer(path)
     model = load_pruned(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     results: dict = {"model": str(path)}
     for source in args.ppl:
         res = perplexity(model, tokenizer, source, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens)
+        if not math.isfinite(res["perplexity"]):
+            raise InputError(
+                f"perplexity on {source} is {res['perplexity']}: the model's logits hold NaN or Inf "
+                "(try --dtype float32, or check the checkpoint's weights)"
+            )
         results.setdefault("ppl", {})[source] = res
         print(f"{source}: perplexity {res['perplexity']:.4f} over {res['tokens']} tokens")
     if len(args.ppl) == 1:

@@ -100,21 +100,24 @@ def _non_empty(texts: list[str], message: str) -> list[str]:
 
 def _read_jsonl(path: Path) -> list[str]:
     texts: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CalibrationDataError(
-                    f"{path}, line {number}: not valid JSON ({exc.msg})"
-                ) from exc
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise CalibrationDataError(
-                    f"{path}, line {number}: expected a JSON object with a string 'text' field"
-                )
-            texts.append(record["text"])
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: JSON may hold U+2028
+    except UnicodeDecodeError as exc:
+        raise CalibrationDataError(f"{path} is not valid UTF-8 text: {exc}") from exc
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CalibrationDataError(
+                f"{path}, line {number}: not valid JSON ({exc.msg})"
+            ) from exc
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise CalibrationDataError(
+                f"{path}, line {number}: expected a JSON object with a string 'text' field"
+            )
+        texts.append(record["text"])
     return _non_empty(texts, f"{path} has no non-empty 'text' values")
 
 

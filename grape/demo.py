@@ -33,9 +33,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sysconfig
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -43,6 +41,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+
+from grape.files import write_text_atomic
+from grape.output_guard import check_disjoint, claim_output
 
 __all__ = [
     "EOS_TOKEN",
@@ -165,18 +166,6 @@ def _join(files: Sequence[Path]) -> str:
     return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling and rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @dataclass(frozen=True)
 class Corpus:
     """The demo's text files: training text, calibration excerpt of it, held-out text."""
@@ -205,7 +194,7 @@ def write_corpus(work_dir: str | os.PathLike[str], files: Sequence[Path] | None 
     texts = (_join(train_files), _join(train_files[::CALIB_STRIDE]), _join(eval_files))
     for path, text in zip((corpus.train, corpus.calib, corpus.eval), texts):
         if not (path.is_file() and path.read_text(encoding="utf-8") == text):
-            _write_text_atomic(path, text)
+            write_text_atomic(path, text)
     return corpus
 
 
@@ -348,17 +337,6 @@ def _finished_model(model_dir: Path, recipe: TrainRecipe, corpus_sha256: str) ->
     return record
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``, removing an old ``target`` only once ``tmp`` is in place."""
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
 def train_demo_model(
     train_path: str | os.PathLike[str],
     model_dir: str | os.PathLike[str],
@@ -393,8 +371,9 @@ def train_demo_model(
 
     started = time.perf_counter()
     model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.tmp-", dir=model_dir.parent))
-    try:
+    claim = claim_output(model_dir, inputs={"training text": train_path}, overwrite=True, marker=TRAINING_MARKER)
+    with claim:
+        tmp = claim.tmp
         tokenizer = train_tokenizer([text], recipe.vocab_size, max_length=recipe.max_positions)
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         stream = torch.tensor(ids, dtype=torch.long)
@@ -469,11 +448,9 @@ def train_demo_model(
             "loss_log": loss_log,
             "recipe": asdict(recipe),
         }
+        record["files"] = sorted([p.name for p in tmp.iterdir()] + [TRAINING_MARKER])
         (tmp / TRAINING_MARKER).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        _replace_dir(tmp, model_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        claim.commit()
     log(f"model: trained {recipe.steps} steps in {train_seconds:.0f}s on {threads} thread(s); "
         f"final loss {record['final_loss']:.3f}; saved to {model_dir}")
     return {**record, "cached": False}
@@ -501,8 +478,6 @@ def _external_model(model_dir: Path, work: Path) -> tuple[Path, dict[str, Path],
     ``eval_code.txt`` (held out); those are the right data for that model. Whatever is missing
     falls back to the stdlib corpus, which is held-out text for any model not trained on it.
     """
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
     calib = model_dir / "calib.txt"
     candidates = {name: model_dir / f"eval_{name}.txt" for name in ("docs", "code")}
     eval_sets = {name: path for name, path in candidates.items() if path.is_file()}
@@ -616,6 +591,11 @@ def run_demo(work_dir: str | os.PathLike[str], quick: bool = False, model: str |
     started = time.perf_counter()
     settings = _QUICK if quick else _FULL
     work = Path(work_dir)
+    if model is not None:
+        if not (Path(model) / "config.json").is_file():
+            raise FileNotFoundError(f"{model} is not a model directory (no config.json)")
+        # the demo writes corpus files and results into the work dir, never into the model
+        check_disjoint(work / "results.json", {"model given with --model": model})
     work.mkdir(parents=True, exist_ok=True)
     missing = [m for m in DEMO_METHODS if m not in available_methods()]
     if missing:
@@ -686,6 +666,6 @@ def run_demo(work_dir: str | os.PathLike[str], quick: bool = False, model: str |
     }
     write_json_atomic(results, work / "results.json")
     markdown = _results_markdown(str(model_dir), setup, summary, format_table(all_rows, columns))
-    _write_text_atomic(work / "results.md", markdown)
+    write_text_atomic(work / "results.md", markdown)
     print(f"\n{summary}\n\n{setup}\nwrote {work / 'results.md'} and {work / 'results.json'}", flush=True)
     return results

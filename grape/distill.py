@@ -35,7 +35,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -45,16 +44,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from grape.checkpoint import check_output_dir, expert_counts, load_pruned, write_checkpoint
+from grape.checkpoint import estimated_bytes, expert_counts, load_pruned, write_checkpoint
 from grape.model_io import LazyCausalLM
+from grape.output_guard import OutputClaim, check_disjoint, claim_output
 from grape.report import write_json_atomic
+from grape.training_state import STATE_FILE, load_training_state, save_training_state
 from grape_kernels.experts_module import expert_forward
 from grape_kernels.ragged_modeling import select_experts
 
 __all__ = ["DistillJob", "prepare_distill", "distill", "distill_cli"]
 
 _MASKED = ("gate_up_proj", "down_proj")
-_STATE_FILE = "state.pt"
 
 
 def _checkpoint_dir(out: Path) -> Path:
@@ -91,7 +91,7 @@ class DistillJob:
     teacher: LazyCausalLM
     kept: dict[int, list[int]]
     student_report: dict | None
-    out: Path
+    claim: OutputClaim
     steps: int
     lr: float
     lam: float
@@ -99,8 +99,11 @@ class DistillJob:
     checkpoint_every: int
     seed: int
     resume: bool
-    overwrite: bool
     started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def out(self) -> Path:
+        return self.claim.out
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -151,6 +154,13 @@ class DistillJob:
 
     def run(self, data_ids: torch.Tensor, data_info: dict | None = None) -> dict:
         """Train, checkpoint, write the distilled student; returns the report."""
+        with self.claim:
+            report = self._train_and_write(data_ids, data_info)
+            self.claim.commit()
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        return report
+
+    def _train_and_write(self, data_ids: torch.Tensor, data_info: dict | None) -> dict:
         if data_ids.dim() != 2 or data_ids.shape[1] < 2 or data_ids.shape[0] == 0:
             raise ValueError(f"distillation data must be a non-empty (samples, seq_len >= 2) id tensor, got {tuple(data_ids.shape)}")
         vocab = int(self.student.config.vocab_size)
@@ -214,34 +224,28 @@ class DistillJob:
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _load_checkpoint(self, fingerprint: dict) -> dict | None:
-        path = self.checkpoint_dir / _STATE_FILE
+        path = self.checkpoint_dir / STATE_FILE
         if not self.resume:
             return None
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        differing = [k for k, v in fingerprint.items() if state["fingerprint"].get(k) != v]
+        trainable, optimizer, extra = load_training_state(path)
+        differing = [k for k, v in fingerprint.items() if extra.get("fingerprint", {}).get(k) != v]
         if differing:
             raise ValueError(
                 f"cannot resume from {path}: it was made with different {', '.join(differing)}; "
                 "rerun with the original settings or delete the checkpoint"
             )
-        if int(state["step"]) > self.steps:
-            raise ValueError(f"the checkpoint in {self.checkpoint_dir} is at step {state['step']}, beyond --steps {self.steps}")
-        return state
+        if int(extra["step"]) > self.steps:
+            raise ValueError(f"the checkpoint in {self.checkpoint_dir} is at step {extra['step']}, beyond --steps {self.steps}")
+        return {"trainable": trainable, "optimizer": optimizer, "history": extra["history"], "step": extra["step"]}
 
     def _save_checkpoint(self, step: int, trainable: dict, optimizer, history: list[dict], fingerprint: dict) -> None:
-        """Write the training state atomically (temp file, then rename) into the checkpoint dir."""
-        directory = self.checkpoint_dir
-        directory.mkdir(exist_ok=True)
-        state = {
-            "step": step,
-            "trainable": {k: v.detach().clone() for k, v in trainable.items()},
-            "optimizer": optimizer.state_dict(),
-            "history": history,
-            "fingerprint": fingerprint,
-        }
-        tmp = directory / f".{_STATE_FILE}.{os.getpid()}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, directory / _STATE_FILE)
+        """Write the training state atomically into the checkpoint dir (see :mod:`grape.training_state`)."""
+        save_training_state(
+            self.checkpoint_dir / STATE_FILE,
+            trainable=trainable,
+            optimizer=optimizer.state_dict(),
+            extra={"step": step, "history": history, "fingerprint": fingerprint},
+        )
 
     # ---- output ----------------------------------------------------------------------------
     def _write(
@@ -280,11 +284,10 @@ class DistillJob:
         if self.student_report is not None:
             report["previous_steps"] = previous.pop("previous_steps", []) + [previous]
         write_checkpoint(
-            self.student, self.out, transform_layer=transform, report=report, overwrite=self.overwrite,
+            self.student, self.claim, transform_layer=transform, report=report,
             plot_title="distilled student: routed experts per layer",
         )
-        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-        path = self.out / "grape_report.json"
+        path = self.claim.tmp / "grape_report.json"
         report = json.loads(path.read_text())
         now = time.perf_counter()
         report["timings_s"] = {
@@ -370,9 +373,7 @@ def prepare_distill(
         raise ValueError(f"lambda must be a non-negative number, got {lam}")
     student = LazyCausalLM.open(student_dir)
     teacher = LazyCausalLM.open(teacher_dir)
-    out = check_output_dir(out_dir, overwrite=overwrite, source=student.model_dir)
-    if out == teacher.model_dir.resolve():
-        raise ValueError(f"output directory {out} is the teacher model: grape never modifies its input")
+    out = check_disjoint(out_dir, {"student model": student.model_dir, "teacher": teacher.model_dir})
     for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
         s, t = getattr(student.config, key, None), getattr(teacher.config, key, None)
         if s != t:
@@ -387,7 +388,7 @@ def prepare_distill(
         if available is None or any(not 0 <= i < available for i in indices):
             raise ValueError(f"layer {layer}: student experts map to teacher experts {indices}, the teacher has {available}")
     checkpoint = _checkpoint_dir(out)
-    if resume and not (checkpoint / _STATE_FILE).is_file():
+    if resume and not (checkpoint / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume: no distillation checkpoint at {checkpoint}")
     if not resume and checkpoint.exists():
         if not overwrite:
@@ -396,9 +397,14 @@ def prepare_distill(
                 "or --overwrite to start over"
             )
         shutil.rmtree(checkpoint)
+    claim = claim_output(
+        out,
+        inputs={"student model": student.model_dir, "teacher": teacher.model_dir},
+        overwrite=overwrite,
+        needed_bytes=estimated_bytes(student),
+    )
     return DistillJob(
-        student, teacher, kept, report, out, steps, float(lr), float(lam), batch_size, checkpoint_every, seed,
-        resume, overwrite,
+        student, teacher, kept, report, claim, steps, float(lr), float(lam), batch_size, checkpoint_every, seed, resume
     )
 
 
@@ -432,21 +438,22 @@ def distill_cli(args: argparse.Namespace) -> None:
     The text is cut into every non-overlapping ``--seq-len`` window (at most ``steps *
     batch_size`` of them, so no window is seen twice before all were seen once).
     """
-    from transformers import AutoTokenizer
-
     from grape.data import build_calibration_ids, load_texts, tokenize_documents
+    from grape.model_io import check_positions, load_tokenizer
 
     job = prepare_distill(
         args.student, args.teacher, steps=args.steps, lr=args.lr, lam=args.lam, out_dir=args.out,
         resume=args.resume, checkpoint_every=args.checkpoint_every, batch_size=args.batch_size,
         seed=args.seed, overwrite=args.overwrite,
     )
-    tokenizer = AutoTokenizer.from_pretrained(job.student.model_dir)
-    texts = load_texts(args.data)
-    windows = tokenize_documents(tokenizer, texts).numel() // args.seq_len
-    samples = max(1, min(windows, args.steps * args.batch_size))
-    ids = build_calibration_ids(tokenizer, texts, num_samples=samples, seq_len=args.seq_len, seed=args.seed)
-    report = job.run(ids, {"source": str(args.data)})
+    with job.claim:
+        check_positions(job.student.config, args.seq_len)
+        tokenizer = load_tokenizer(job.student.model_dir)
+        texts = load_texts(args.data)
+        windows = tokenize_documents(tokenizer, texts).numel() // args.seq_len
+        samples = max(1, min(windows, args.steps * args.batch_size))
+        ids = build_calibration_ids(tokenizer, texts, num_samples=samples, seq_len=args.seq_len, seed=args.seed)
+        report = job.run(ids, {"source": str(args.data)})
     first, last = report["first"], report["last"]
     print(f"wrote {job.out}")
     print(

@@ -23,16 +23,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from safetensors import safe_open
 
+from grape.model_io import CheckpointError, load_config
 from grape.report import format_table
 from grape_kernels.architectures import MoEAdapter, get_adapter
 
 __all__ = [
-    "CheckpointFormatError",
     "TENSOR_TYPES",
     "model_info",
     "compare_info",
@@ -64,10 +63,6 @@ _DTYPE_BITS = {
 _ZERO_COUNT_CHUNK = 1 << 24
 
 
-class CheckpointFormatError(ValueError):
-    """A checkpoint folder is incomplete, corrupt, or internally inconsistent."""
-
-
 def _tensor_type(name: str) -> str:
     """Sparsity category of a tensor, from its name."""
     routed = _ROUTED.search(name)
@@ -85,7 +80,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointFormatError(f"cannot read {path}: {exc}") from exc
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
 
 
 def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
@@ -94,27 +89,27 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     if index_path.is_file():
         weight_map = _read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointFormatError(f"{index_path} has no 'weight_map'")
+            raise CheckpointError(f"{index_path} has no 'weight_map'")
         files = [folder / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise CheckpointFormatError(f"{index_path} lists shard(s) that do not exist: {missing}")
+            raise CheckpointError(f"{index_path} lists shard(s) that do not exist: {missing}")
         return files, weight_map
     single = folder / "model.safetensors"
     if single.is_file():
         return [single], None
-    raise CheckpointFormatError(
+    raise CheckpointError(
         f"{folder} has no safetensors weights (model.safetensors or model.safetensors.index.json)"
     )
 
 
 def _experts_from_config(
-    config: SimpleNamespace, adapter: MoEAdapter, config_path: Path
+    config, adapter: MoEAdapter, config_path: Path
 ) -> list[int | None]:
     """Routed experts of every decoder layer according to the config (None: dense layer)."""
     n_layers = getattr(config, "num_hidden_layers", None)
     if not isinstance(n_layers, int) or n_layers < 1:
-        raise CheckpointFormatError(f"{config_path} has no valid 'num_hidden_layers'")
+        raise CheckpointError(f"{config_path} has no valid 'num_hidden_layers'")
     per_layer = getattr(config, "grape_experts_per_layer", None)
     if per_layer is not None:
         valid = isinstance(per_layer, list) and len(per_layer) == n_layers and all(
@@ -122,13 +117,13 @@ def _experts_from_config(
             for c in per_layer
         )
         if not valid:
-            raise CheckpointFormatError(
+            raise CheckpointError(
                 f"{config_path}: 'grape_experts_per_layer' must list one positive count (or null "
                 f"for a dense layer) per decoder layer ({n_layers}), got {per_layer!r}"
             )
         return list(per_layer)
     if not isinstance(getattr(config, adapter.count_key, None), int):
-        raise CheckpointFormatError(f"{config_path} has no integer {adapter.count_key!r}")
+        raise CheckpointError(f"{config_path} has no integer {adapter.count_key!r}")
     moe_layers = set(adapter.moe_layer_indices(config))
     count = adapter.num_experts(config)
     return [count if i in moe_layers else None for i in range(n_layers)]
@@ -182,7 +177,7 @@ def _scan_headers(
         try:
             handle_cm = safe_open(str(file), framework="pt")
         except Exception as exc:  # SafetensorError and OSError carry the reason
-            raise CheckpointFormatError(
+            raise CheckpointError(
                 f"{file} is not a readable safetensors file (corrupt or truncated?): {exc}"
             ) from exc
         with handle_cm as handle:
@@ -190,11 +185,11 @@ def _scan_headers(
                 part = handle.get_slice(name)
                 dtype = part.get_dtype()
                 if dtype not in _DTYPE_BITS:
-                    raise CheckpointFormatError(f"{file}: tensor {name} has unknown dtype {dtype}")
+                    raise CheckpointError(f"{file}: tensor {name} has unknown dtype {dtype}")
                 layer_match = _LAYER.search(name)
                 layer = int(layer_match.group(1)) if layer_match else None
                 if layer is not None and layer >= n_layers:
-                    raise CheckpointFormatError(
+                    raise CheckpointError(
                         f"{file}: tensor {name} belongs to layer {layer}, but the config has "
                         f"{n_layers} decoder layers"
                     )
@@ -214,7 +209,7 @@ def _scan_headers(
     if weight_map is not None:
         missing = sorted(set(weight_map) - {t.name for t in tensors})
         if missing:
-            raise CheckpointFormatError(
+            raise CheckpointError(
                 f"{len(missing)} tensor(s) listed in model.safetensors.index.json are not in "
                 f"their shard, e.g. {missing[:3]}"
             )
@@ -282,7 +277,7 @@ def model_info(path: str | os.PathLike[str], *, sparsity: bool = False) -> dict:
     "zero_fraction"}}}``.
 
     Raises:
-        CheckpointFormatError: missing/unreadable config or weights, a corrupt or truncated
+        CheckpointError: missing/unreadable config or weights, a corrupt or truncated
             safetensors file (named), a tensor missing from its shard, or expert counts in the
             weights that disagree with the config.
         grape_kernels.architectures.UnsupportedModelError: the config is not a supported MoE architecture.
@@ -290,13 +285,10 @@ def model_info(path: str | os.PathLike[str], *, sparsity: bool = False) -> dict:
     folder = Path(path)
     config_path = folder / "config.json"
     if not folder.is_dir():
-        raise CheckpointFormatError(f"{folder} is not a checkpoint folder")
+        raise CheckpointError(f"{folder} is not a checkpoint folder")
     if not config_path.is_file():
-        raise CheckpointFormatError(f"{folder} has no config.json")
-    raw_config = _read_json(config_path)
-    if not isinstance(raw_config, dict):
-        raise CheckpointFormatError(f"{config_path} does not hold a JSON object")
-    config = SimpleNamespace(**raw_config)
+        raise CheckpointError(f"{folder} has no config.json")
+    config = load_config(folder)
     adapter = get_adapter(config)
     experts = _experts_from_config(config, adapter, config_path)
     files, weight_map = _weight_files(folder)
@@ -312,12 +304,12 @@ def model_info(path: str | os.PathLike[str], *, sparsity: bool = False) -> dict:
         fused_sizes = {t.shape[0] for t in routed if t.expert is None and t.shape}
         found = sorted(fused_sizes | ({len(ids)} if ids else set()))
         if ids and ids != set(range(len(ids))):
-            raise CheckpointFormatError(
+            raise CheckpointError(
                 f"{folder}: layer {i} has per-expert tensors for experts {sorted(ids)}; "
                 "expected consecutive indices from 0"
             )
         if (expected is None and found) or (expected is not None and found != [expected]):
-            raise CheckpointFormatError(
+            raise CheckpointError(
                 f"{folder}: layer {i} should have {expected} routed experts according to "
                 f"config.json, but its weights hold {found or 'none'}"
             )
@@ -336,7 +328,7 @@ def model_info(path: str | os.PathLike[str], *, sparsity: bool = False) -> dict:
     parameters = sum(t.numel for t in tensors)
     info: dict[str, Any] = {
         "path": str(folder),
-        "model_type": raw_config.get("model_type"),
+        "model_type": config.model_type,
         "architecture": adapter.name,
         "num_layers": n_layers,
         "top_k": adapter.top_k(config),

@@ -25,13 +25,116 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from grape.errors import InputError
 from grape_kernels.architectures import MoEAdapter, get_adapter
 
-__all__ = ["CheckpointError", "CheckpointIndex", "LazyCausalLM", "resolve_model_path"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointIndex",
+    "LazyCausalLM",
+    "TOKENIZER_FILES",
+    "resolve_model_path",
+    "parse_dtype",
+    "parse_device",
+    "load_config",
+    "load_tokenizer",
+    "check_positions",
+]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A model directory is missing, incomplete, or holds corrupt safetensors."""
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+"""The files that make up a model's tokenizer (and generation defaults): copied into outputs."""
+
+_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.tiktoken")
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """``"bf16"``/``"bfloat16"``/``"float32"``... -> torch dtype; None keeps the checkpoint's."""
+    if name is None or name == "auto":
+        return None
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    dtype = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
+    return dtype
+
+
+def parse_device(name: str | torch.device) -> torch.device:
+    """A torch device that exists on this machine, or an InputError saying what to use instead.
+
+    ``torch.device("cuda")`` succeeds on a CPU-only build and fails only when the first tensor
+    moves, so availability is checked here, before any work.
+    """
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"unknown device {str(name)!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "meta":
+        raise InputError("--device meta holds no data; use cpu, cuda, cuda:N or mps")
+    backend = getattr(torch, device.type, None) if device.type != "mps" else torch.backends.mps
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise InputError(
+            f"--device {device}: no {device.type} device is available to this torch build "
+            f"({torch.__version__}); use --device cpu"
+        )
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise InputError(f"--device {device}: only {count} {device.type} device(s) are visible")
+    return device
+
+
+def load_config(model_dir: Path):
+    """The transformers config of ``model_dir``; an unreadable ``config.json`` is one clear error."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"cannot read {model_dir / 'config.json'}: {exc}; is it a transformers model directory?"
+        ) from exc
+
+
+def check_positions(config, seq_len: int, flag: str = "--seq-len") -> None:
+    """Refuse a window longer than the model's positions before anything is run on it."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise InputError(f"{flag} {seq_len} exceeds the model's max_position_embeddings ({limit}); use at most {limit}")
+
+
+def load_tokenizer(model_dir: Path):
+    """The model's tokenizer, or a CheckpointError naming the missing files.
+
+    Without vocabulary files transformers tries to convert a "slow" tokenizer and reports a
+    missing sentencepiece/tiktoken package, which sends the user after the wrong problem.
+    """
+    from transformers import AutoTokenizer
+
+    if not any((model_dir / name).is_file() for name in _VOCABULARY_FILES):
+        raise CheckpointError(
+            f"no tokenizer files in {model_dir} (none of {', '.join(_VOCABULARY_FILES)}); "
+            "copy them from the original model"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        raise CheckpointError(f"cannot load the tokenizer in {model_dir}: {exc}") from exc
 
 
 _PER_EXPERT_SOURCES = {
@@ -39,6 +142,9 @@ _PER_EXPERT_SOURCES = {
     "gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")),
     "down_proj": (("w2",), ("down_proj",)),
 }
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
 
 
 def resolve_model_path(name_or_path: str) -> Path:
@@ -119,6 +225,14 @@ class CheckpointIndex:
     def shape(self, key: str) -> list[int]:
         return list(self._handles[self.key_to_file[key]].get_slice(key).get_shape())
 
+    def nbytes(self, key: str) -> int:
+        """Bytes tensor ``key`` takes in its file, from the header alone."""
+        part = self._handles[self.key_to_file[key]].get_slice(key)
+        numel = 1
+        for dim in part.get_shape():
+            numel *= dim
+        return numel * _DTYPE_BYTES.get(part.get_dtype(), 4)
+
     def sources_for(self, param_name: str) -> list[str] | None:
         """Checkpoint keys that make up module parameter ``param_name`` (None when absent)."""
         for candidate in _name_variants(param_name):
@@ -198,17 +312,20 @@ class LazyCausalLM:
         self.checkpoint_dtype = checkpoint_dtype or dtype
 
     @classmethod
-    def open(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str = "cpu") -> LazyCausalLM:
+    def open(
+        cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> LazyCausalLM:
         """Validate the checkpoint and build the skeleton; no weight is read yet.
 
         Raises :class:`~grape_kernels.architectures.UnsupportedModelError` for non-MoE models and
         :class:`CheckpointError` for missing/corrupt weights, both before any heavy work.
         """
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
+        device = parse_device(device)
         model_dir = resolve_model_path(str(name_or_path))
-        config = AutoConfig.from_pretrained(model_dir)
+        config = load_config(model_dir)
         get_adapter(config)
         index = CheckpointIndex(model_dir)
         checkpoint_dtype = _config_dtype(config)

@@ -13,18 +13,20 @@ from pathlib import Path
 
 import torch
 
-from grape.budget import LayerLimits, global_removals_total, uniform_removals
+from grape.budget import LayerLimits, check_removes_some, global_removals_total, uniform_removals
+from grape.calibration.cache import default_cache_dir
 from grape.calibration.collect import collect_layer_stats, measure_layer
 from grape.calibration.runner import run_layerwise
-from grape.checkpoint import check_output_dir, expert_counts, write_checkpoint
+from grape.checkpoint import estimated_bytes, expert_counts, write_checkpoint
 from grape.data import build_calibration_ids, load_texts
 from grape.methods import get_method
 from grape.methods.base import PruningPlan
-from grape.model_io import LazyCausalLM
+from grape.model_io import LazyCausalLM, check_positions, load_tokenizer, parse_dtype
+from grape.output_guard import claim_output
 from grape.stats import LayerStats
 from grape.surgery import prune_block
 
-__all__ = ["PruneOptions", "prune", "layer_limits", "parse_dtype"]
+__all__ = ["PruneOptions", "prune", "layer_limits"]
 
 
 @dataclass
@@ -48,17 +50,6 @@ class PruneOptions:
     batch_size: int = 8
     use_cache: bool = True
     method_options: dict = field(default_factory=dict)
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """``"bf16"``/``"bfloat16"``/``"float32"``... -> torch dtype; None keeps the checkpoint's."""
-    if name is None or name == "auto":
-        return None
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    dtype = getattr(torch, aliases.get(name, name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
-    return dtype
 
 
 def layer_limits(lazy: LazyCausalLM) -> dict[int, LayerLimits]:
@@ -88,70 +79,76 @@ def prune(model: str, opts: PruneOptions) -> Path:
     _validate(opts)
     method = get_method(opts.method)(merge=opts.merge, seed=opts.seed, **opts.method_options)
     lazy = LazyCausalLM.open(model, dtype=parse_dtype(opts.dtype), device=opts.device)
-    out = check_output_dir(opts.out, overwrite=opts.overwrite, source=lazy.model_dir)
+    check_positions(lazy.config, opts.seq_len)
     limits = layer_limits(lazy)
     budget = {"ratio": opts.experts_ratio, "keep_experts": opts.keep_experts}
     if method.is_global:
-        global_removals_total(limits, **budget)
+        removed = global_removals_total(limits, **budget)
     else:
-        uniform_removals(limits, **budget)
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(lazy.model_dir)
-    texts = load_texts(opts.calib)
-    ids = build_calibration_ids(
-        tokenizer, texts, num_samples=opts.calib_samples, seq_len=opts.seq_len, seed=opts.seed
-    )
-    t_calib = time.perf_counter()
-    stats = collect_layer_stats(
-        lazy, ids, sample_tokens=opts.sample_tokens, batch_size=opts.batch_size, seed=opts.seed, use_cache=opts.use_cache
-    )
-    t_plan = time.perf_counter()
-    plan = method.plan(stats, limits, ratio=opts.experts_ratio, keep_experts=opts.keep_experts)
-    if opts.sequential:
-        plan = _sequential_replan(lazy, ids, method, plan, stats, limits, opts)
-    t_write = time.perf_counter()
-    params_before = sum(p.numel() for p in lazy.model.parameters())
-
-    def transform(index: int, layer) -> None:
-        if index in plan.keep:
-            _apply_plan(lazy, layer, index, plan, stats[index], limits[index])
-
-    report = {
-        "grape_version": __import__("grape").__version__,
-        "step": "expert_pruning",
-        "source_model": str(lazy.model_dir),
-        "architecture": lazy.adapter.name,
-        "method": opts.method,
-        "merge": opts.merge,
-        "budget": {**budget, "removed_total": sum(limits[i].num_experts - len(k) for i, k in plan.keep.items())},
-        "seed": opts.seed,
-        "kept_experts": {str(i): k for i, k in plan.keep.items()},
-        "merged_into": {str(i): {str(a): b for a, b in m.items()} for i, m in plan.merge_into.items() if m},
-        "scores": {str(i): s for i, s in plan.scores.items()},
-        "method_info": plan.info,
-        "calibration": {
-            "source": str(opts.calib),
-            "samples": opts.calib_samples,
-            "seq_len": opts.seq_len,
-            "tokens": int(ids.numel()),
-            "sample_tokens_per_layer": opts.sample_tokens,
-            "sequential": opts.sequential,
-        },
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("out",)},
-    }
-    write_checkpoint(
-        lazy,
-        out,
-        transform_layer=transform,
-        report=report | {"parameters_before": params_before},
+        removed = sum(uniform_removals(limits, **budget).values())
+    check_removes_some(limits, removed, **budget)
+    cache_dir = default_cache_dir()
+    claim = claim_output(
+        opts.out,
+        inputs={"input model": lazy.model_dir, "calibration data": opts.calib, "statistics cache": cache_dir},
         overwrite=opts.overwrite,
-        plot_title=f"{opts.method} ({_budget_label(opts)})",
+        needed_bytes=estimated_bytes(lazy, kept_expert_fraction=1 - removed / sum(lim.num_experts for lim in limits.values())),
     )
-    params_after = sum(p.numel() for p in lazy.model.parameters())
-    _finish_report(out, params_after, started, t_calib, t_plan, t_write)
-    return out
+    with claim:
+        tokenizer = load_tokenizer(lazy.model_dir)
+        texts = load_texts(opts.calib)
+        ids = build_calibration_ids(
+            tokenizer, texts, num_samples=opts.calib_samples, seq_len=opts.seq_len, seed=opts.seed
+        )
+        t_calib = time.perf_counter()
+        stats = collect_layer_stats(
+            lazy, ids, sample_tokens=opts.sample_tokens, batch_size=opts.batch_size, seed=opts.seed,
+            cache_dir=cache_dir, use_cache=opts.use_cache,
+        )
+        t_plan = time.perf_counter()
+        plan = method.plan(stats, limits, ratio=opts.experts_ratio, keep_experts=opts.keep_experts)
+        if opts.sequential:
+            plan = _sequential_replan(lazy, ids, method, plan, stats, limits, opts)
+        t_write = time.perf_counter()
+        params_before = sum(p.numel() for p in lazy.model.parameters())
+
+        def transform(index: int, layer) -> None:
+            if index in plan.keep:
+                _apply_plan(lazy, layer, index, plan, stats[index], limits[index])
+
+        report = {
+            "grape_version": __import__("grape").__version__,
+            "step": "expert_pruning",
+            "source_model": str(lazy.model_dir),
+            "architecture": lazy.adapter.name,
+            "method": opts.method,
+            "merge": opts.merge,
+            "budget": {**budget, "removed_total": sum(limits[i].num_experts - len(k) for i, k in plan.keep.items())},
+            "seed": opts.seed,
+            "kept_experts": {str(i): k for i, k in plan.keep.items()},
+            "merged_into": {str(i): {str(a): b for a, b in m.items()} for i, m in plan.merge_into.items() if m},
+            "scores": {str(i): s for i, s in plan.scores.items()},
+            "method_info": plan.info,
+            "calibration": {
+                "source": str(opts.calib),
+                "samples": opts.calib_samples,
+                "seq_len": opts.seq_len,
+                "tokens": int(ids.numel()),
+                "sample_tokens_per_layer": opts.sample_tokens,
+                "sequential": opts.sequential,
+            },
+            "options": {k: v for k, v in asdict(opts).items() if k not in ("out",)},
+        }
+        write_checkpoint(
+            lazy,
+            claim,
+            transform_layer=transform,
+            report=report | {"parameters_before": params_before},
+            plot_title=f"{opts.method} ({_budget_label(opts)})",
+        )
+        params_after = sum(p.numel() for p in lazy.model.parameters())
+        _finish_report(claim.tmp, params_after, started, t_calib, t_plan, t_write)
+        return claim.commit()
 
 
 def _apply_plan(lazy: LazyCausalLM, layer, index: int, plan: PruningPlan, stats: LayerStats, limits: LayerLimits) -> None:

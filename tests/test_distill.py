@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_checkpoint
 
 import grape.distill as distill_module
-from grape.checkpoint import load_pruned, write_checkpoint
+from grape.checkpoint import load_pruned
 from grape.distill import distill
 from grape.model_io import LazyCausalLM
 from grape.sparsity.sparsify import sparsify_model
@@ -38,7 +39,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
     lazy = LazyCausalLM.open(root / "teacher")
     kept = {0: [0, 2, 3], 1: [1, 3]}
-    write_checkpoint(
+    save_checkpoint(
         lazy, root / "ragged", transform_layer=lambda i, layer: prune_block(layer.mlp, lazy.adapter, kept[i]),
         report={"step": "expert_pruning", "kept_experts": {str(k): v for k, v in kept.items()}},
     )
@@ -86,7 +87,7 @@ def test_resume_continues_from_the_saved_step(models, tmp_path, monkeypatch) -> 
         with pytest.raises(KeyboardInterrupt):
             distill(models["sparse"], models["teacher"], _data(), steps=2, out_dir=tmp_path / "out", **options)
     assert not (tmp_path / "out").exists()
-    assert (tmp_path / ".out.distill-ckpt" / "state.pt").is_file()
+    assert (tmp_path / ".out.distill-ckpt" / "state.safetensors").is_file()
 
     with pytest.raises(FileExistsError, match="--resume"):
         distill(models["sparse"], models["teacher"], _data(), steps=4, out_dir=tmp_path / "out", **options)

@@ -104,3 +104,14 @@ def write_calibration_text(path: Path, repeats: int = 40) -> Path:
     """A text file long enough for a few short calibration samples."""
     path.write_text(SAMPLE_TEXT * repeats)
     return path
+
+
+def save_checkpoint(lazy, out: Path, *, transform_layer, report: dict, overwrite: bool = False) -> Path:
+    """Write ``lazy`` (each layer passed through ``transform_layer``) as a grape checkpoint at ``out``:
+    claim the output, stream the checkpoint into it, commit, as the commands do."""
+    from grape.checkpoint import write_checkpoint
+    from grape.output_guard import claim_output
+
+    with claim_output(out, inputs={"input model": lazy.model_dir}, overwrite=overwrite) as claim:
+        write_checkpoint(lazy, claim, transform_layer=transform_layer, report=report)
+        return claim.commit()

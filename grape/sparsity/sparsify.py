@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from grape.calibration.runner import run_layerwise
-from grape.checkpoint import check_output_dir, write_checkpoint
+from grape.checkpoint import estimated_bytes, write_checkpoint
 from grape.model_io import LazyCausalLM
+from grape.output_guard import OutputClaim, claim_output
 from grape.report import write_json_atomic
 from grape.sparsity.collect import (
     InputStats,
@@ -136,9 +137,8 @@ class SparsifyJob:
 
     lazy: LazyCausalLM
     plan: SparsityPlan
-    out: Path
+    claim: OutputClaim
     moe_layers: list[int]
-    overwrite: bool = False
     batch_size: int = 8
     started: float = field(default_factory=time.perf_counter)
 
@@ -149,6 +149,16 @@ class SparsifyJob:
             calib_ids: (N, L) calibration token ids; required unless the method is magnitude.
             calibration: what the ids came from (source, seed...), recorded in the report.
         """
+        with self.claim:
+            report = self._run(calib_ids, calibration)
+            self.claim.commit()
+            return report
+
+    @property
+    def out(self) -> Path:
+        return self.claim.out
+
+    def _run(self, calib_ids: torch.Tensor | None, calibration: dict | None) -> dict:
         method = self.plan.method
         if method.needs_calibration:
             if calib_ids is None or calib_ids.dim() != 2 or calib_ids.numel() == 0:
@@ -209,17 +219,16 @@ class SparsifyJob:
                 report["kept_experts"] = previous["kept_experts"]
         write_checkpoint(
             lazy,
-            self.out,
+            self.claim,
             transform_layer=transform,
             report=report,
-            overwrite=self.overwrite,
             plot_title=f"{method.name} {self.plan.pattern} sparsity {self.plan.sparsity:g}",
         )
         return self._finish(layers, t_calib, t_write)
 
     def _finish(self, layers: dict[int, dict], t_calib: float, t_write: float) -> dict:
         """Add per-layer results, totals and timings to the written report (atomically)."""
-        path = self.out / "grape_report.json"
+        path = self.claim.tmp / "grape_report.json"
         report = json.loads(path.read_text())
         total = sum(entry[name]["numel"] for entry in layers.values() for name in EXPERT_WEIGHTS)
         zeros = sum(entry[name]["zeros"] for entry in layers.values() for name in EXPERT_WEIGHTS)
@@ -265,7 +274,6 @@ def prepare_sparsify(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     lazy = LazyCausalLM.open(model_path, dtype=dtype, device=device)
-    out = check_output_dir(out_dir, overwrite=overwrite, source=lazy.model_dir)
     adapter = lazy.adapter
     moe_layers = []
     for index, layer in enumerate(adapter.decoder_layers(lazy.model)):
@@ -275,7 +283,10 @@ def prepare_sparsify(
             moe_layers.append(index)
     if not moe_layers:
         raise UnsupportedModelError(f"{lazy.model_dir} has no layer with routed experts: nothing to sparsify")
-    return SparsifyJob(lazy, plan, out, moe_layers, overwrite=overwrite, batch_size=batch_size)
+    claim = claim_output(
+        out_dir, inputs={"input model": lazy.model_dir}, overwrite=overwrite, needed_bytes=estimated_bytes(lazy)
+    )
+    return SparsifyJob(lazy, plan, claim, moe_layers, batch_size=batch_size)
 
 
 def sparsify_model(
@@ -306,25 +317,25 @@ def sparsify_model(
 
 def sparsify_cli(args: argparse.Namespace) -> None:
     """``grape sparsify``: validate, read the calibration text, run, print a summary."""
-    from transformers import AutoTokenizer
-
     from grape.data import build_calibration_ids, load_texts
-    from grape.prune import parse_dtype
+    from grape.model_io import check_positions, load_tokenizer, parse_dtype
 
     job = prepare_sparsify(
         args.model, args.out, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
         dtype=parse_dtype(args.dtype), device=args.device, overwrite=args.overwrite,
     )
     ids = calibration = None
-    if job.plan.method.needs_calibration:
-        if not args.calib:
-            raise ValueError(f"--method {args.method} needs calibration text: pass --calib")
-        tokenizer = AutoTokenizer.from_pretrained(job.lazy.model_dir)
-        ids = build_calibration_ids(
-            tokenizer, load_texts(args.calib), num_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed
-        )
-        calibration = {"source": str(args.calib), "seed": args.seed}
-    report = job.run(ids, calibration)
+    with job.claim:
+        if job.plan.method.needs_calibration:
+            if not args.calib:
+                raise ValueError(f"--method {args.method} needs calibration text: pass --calib")
+            check_positions(job.lazy.config, args.seq_len)
+            tokenizer = load_tokenizer(job.lazy.model_dir)
+            ids = build_calibration_ids(
+                tokenizer, load_texts(args.calib), num_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed
+            )
+            calibration = {"source": str(args.calib), "seed": args.seed}
+        report = job.run(ids, calibration)
     totals = report["expert_weights"]
     print(f"wrote {job.out}")
     print(

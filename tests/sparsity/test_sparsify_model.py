@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import ARCHS, build_tiny_model
+from tiny_models import ARCHS, build_tiny_model, save_checkpoint
 
-from grape.checkpoint import OutputExistsError, load_pruned, write_checkpoint
+from grape.checkpoint import load_pruned
+from grape.errors import OutputExistsError
 from grape.model_io import LazyCausalLM
 from grape.sparsity import sparsify as sparsify_module
 from grape.sparsity.collect import capture_routed_inputs
@@ -87,7 +88,7 @@ def test_magnitude_needs_no_calibration_and_keeps_other_weights(tiny_mixtral_dir
 def test_sparsifies_a_ragged_expert_pruned_model_and_records_both_steps(tiny_mixtral_dir, tmp_path) -> None:
     lazy = LazyCausalLM.open(tiny_mixtral_dir)
     kept = {0: [0, 2, 3], 1: [1, 3]}
-    write_checkpoint(
+    save_checkpoint(
         lazy,
         tmp_path / "pruned",
         transform_layer=lambda i, layer: prune_block(layer.mlp, lazy.adapter, kept[i]),
