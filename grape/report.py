@@ -23,7 +23,12 @@ from matplotlib.figure import Figure
 
 from grape.files import write_atomic, write_text_atomic
 
-__all__ = ["plot_experts_per_layer", "write_json_atomic", "format_table"]
+__all__ = ["VOLATILE_KEYS", "plot_experts_per_layer", "write_json_atomic", "format_table"]
+
+VOLATILE_KEYS = ("timings_s", "resumed_from_step")
+"""Report keys that describe how this run went rather than the checkpoint it wrote. Everything
+else in a report, and every other file of a checkpoint, is a deterministic function of the
+inputs and options: a resumed or repeated run writes the same bytes."""
 
 
 def _check_counts(name: str, counts: Sequence[int | None]) -> None:
