@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from grape.budget import Budget
 from grape.checkpoint import load_pruned
 from grape.evaluation import perplexity
 from grape.methods import available_methods
@@ -87,7 +88,7 @@ def main() -> None:
                         merge=variant == "merge",
                         out=str(out),
                         calib=args.calib,
-                        experts_ratio=ratio,
+                        budget=Budget(ratio=ratio),
                         calib_samples=args.calib_samples,
                         seq_len=args.seq_len,
                         seed=args.seed,

@@ -19,11 +19,19 @@ from collections.abc import Callable, Iterator, Sequence
 __all__ = ["main", "build_parser"]
 
 
-def _ratio(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
+def _budget(kind: str) -> Callable[[str], object]:
+    """An argparse type making a :class:`grape.budget.Budget` (validated there, once)."""
+
+    def parse(text: str):
+        from grape.budget import Budget, BudgetError
+
+        try:
+            value = float(text) if kind == "ratio" else int(text)
+            return Budget(ratio=value) if kind == "ratio" else Budget(keep_experts=value)
+        except (ValueError, BudgetError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def _positive_int(text: str) -> int:
@@ -54,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--method", required=True, choices=available_methods())
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--experts-ratio", type=_ratio, help="fraction of all routed experts to remove")
-    budget.add_argument("--keep-experts", type=_positive_int, help="routed experts to keep per layer")
+    budget.add_argument("--experts-ratio", dest="budget", type=_budget("ratio"), help="fraction of all routed experts to remove")
+    budget.add_argument("--keep-experts", dest="budget", type=_budget("keep"), help="routed experts to keep per layer")
     p.add_argument("--merge", action="store_true", help="merge removed experts into their nearest neighbour")
     _add_calibration_flags(p)
     p.add_argument("--sequential", action="store_true", help="calibrate each layer on the already pruned layers' outputs")
@@ -129,8 +137,7 @@ def _cmd_prune(args) -> None:
         method=args.method,
         out=args.out,
         calib=args.calib,
-        experts_ratio=args.experts_ratio,
-        keep_experts=args.keep_experts,
+        budget=args.budget,
         merge=args.merge,
         calib_samples=args.calib_samples,
         seq_len=args.seq_len,

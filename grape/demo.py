@@ -584,6 +584,7 @@ def run_demo(work_dir: str | os.PathLike[str], quick: bool = False, model: str |
     """
     from transformers import AutoConfig, AutoTokenizer
 
+    from grape.budget import Budget
     from grape.methods import available_methods
     from grape.prune import PruneOptions, prune
     from grape.report import format_table, write_json_atomic
@@ -627,7 +628,7 @@ def run_demo(work_dir: str | os.PathLike[str], quick: bool = False, model: str |
                     method=method,
                     out=str(out),
                     calib=str(calib),
-                    experts_ratio=ratio,
+                    budget=Budget(ratio=ratio),
                     calib_samples=settings.calib_samples,
                     seq_len=seq_len,
                     overwrite=True,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from grape.budget import LayerLimits, check_removes_some, global_removals_total, uniform_removals
+from grape.budget import Budget, LayerLimits
 from grape.calibration.cache import default_cache_dir
 from grape.calibration.collect import collect_layer_stats, measure_layer
 from grape.calibration.runner import run_layerwise
@@ -36,8 +36,7 @@ class PruneOptions:
     method: str
     out: str
     calib: str
-    experts_ratio: float | None = None
-    keep_experts: int | None = None
+    budget: Budget
     merge: bool = False
     calib_samples: int = 64
     seq_len: int = 512
@@ -64,29 +63,14 @@ def layer_limits(lazy: LazyCausalLM) -> dict[int, LayerLimits]:
     }
 
 
-def _validate(opts: PruneOptions) -> None:
-    if (opts.experts_ratio is None) == (opts.keep_experts is None):
-        raise ValueError("give exactly one of --experts-ratio and --keep-experts")
-    if opts.experts_ratio is not None and not 0.0 < opts.experts_ratio < 1.0:
-        raise ValueError(f"--experts-ratio must be in (0, 1), got {opts.experts_ratio}")
-    if opts.keep_experts is not None and opts.keep_experts < 1:
-        raise ValueError(f"--keep-experts must be >= 1, got {opts.keep_experts}")
-
-
 def prune(model: str, opts: PruneOptions) -> Path:
     """Run the whole pipeline; returns the output directory."""
     started = time.perf_counter()
-    _validate(opts)
     method = get_method(opts.method)(merge=opts.merge, seed=opts.seed, **opts.method_options)
     lazy = LazyCausalLM.open(model, dtype=parse_dtype(opts.dtype), device=opts.device)
     check_positions(lazy.config, opts.seq_len)
     limits = layer_limits(lazy)
-    budget = {"ratio": opts.experts_ratio, "keep_experts": opts.keep_experts}
-    if method.is_global:
-        removed = global_removals_total(limits, **budget)
-    else:
-        removed = sum(uniform_removals(limits, **budget).values())
-    check_removes_some(limits, removed, **budget)
+    removed = opts.budget.removals(limits, is_global=method.is_global)
     cache_dir = default_cache_dir()
     claim = claim_output(
         opts.out,
@@ -106,7 +90,7 @@ def prune(model: str, opts: PruneOptions) -> Path:
             cache_dir=cache_dir, use_cache=opts.use_cache,
         )
         t_plan = time.perf_counter()
-        plan = method.plan(stats, limits, ratio=opts.experts_ratio, keep_experts=opts.keep_experts)
+        plan = method.plan(stats, limits, opts.budget)
         if opts.sequential:
             plan = _sequential_replan(lazy, ids, method, plan, stats, limits, opts)
         t_write = time.perf_counter()
@@ -123,7 +107,7 @@ def prune(model: str, opts: PruneOptions) -> Path:
             "architecture": lazy.adapter.name,
             "method": opts.method,
             "merge": opts.merge,
-            "budget": {**budget, "removed_total": sum(limits[i].num_experts - len(k) for i, k in plan.keep.items())},
+            "budget": {**opts.budget.to_json(), "removed_total": sum(limits[i].num_experts - len(k) for i, k in plan.keep.items())},
             "seed": opts.seed,
             "kept_experts": {str(i): k for i, k in plan.keep.items()},
             "merged_into": {str(i): {str(a): b for a, b in m.items()} for i, m in plan.merge_into.items() if m},
@@ -137,14 +121,14 @@ def prune(model: str, opts: PruneOptions) -> Path:
                 "sample_tokens_per_layer": opts.sample_tokens,
                 "sequential": opts.sequential,
             },
-            "options": {k: v for k, v in asdict(opts).items() if k not in ("out",)},
+            "options": {k: v for k, v in asdict(opts).items() if k not in ("out", "budget")},
         }
         write_checkpoint(
             lazy,
             claim,
             transform_layer=transform,
             report=report | {"parameters_before": params_before},
-            plot_title=f"{opts.method} ({_budget_label(opts)})",
+            plot_title=f"{opts.method} ({opts.budget.describe()})",
         )
         params_after = sum(p.numel() for p in lazy.model.parameters())
         _finish_report(claim.tmp, params_after, started, t_calib, t_plan, t_write)
@@ -162,12 +146,6 @@ def _apply_plan(lazy: LazyCausalLM, layer, index: int, plan: PruningPlan, stats:
         min_keep=limits.min_keep,
         n_group=limits.n_group,
     )
-
-
-def _budget_label(opts: PruneOptions) -> str:
-    if opts.experts_ratio is not None:
-        return f"experts ratio {opts.experts_ratio:g}"
-    return f"keep {opts.keep_experts} experts per layer"
 
 
 def _finish_report(out: Path, params_after: int, started: float, t_calib: float, t_plan: float, t_write: float) -> None:
@@ -214,7 +192,7 @@ def _sequential_replan(
         layer_stats = measure_layer(lazy, index, layer, forward, sample_tokens=opts.sample_tokens, seed=opts.seed)
         stats[index] = layer_stats
         count = len(plan.keep[index])
-        local = method.plan({index: layer_stats}, {index: limits[index]}, keep_experts=count)
+        local = method.plan({index: layer_stats}, {index: limits[index]}, Budget(keep_experts=count))
         keep[index], scores[index] = local.keep[index], local.scores[index]
         merge_into[index] = local.merge_into.get(index, {})
         _apply_plan(lazy, layer, index, local, layer_stats, limits[index])

@@ -108,13 +108,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grape.budget import (
-    BudgetError,
-    LayerLimits,
-    allocate_greedy,
-    global_removals_total,
-    requested_removals,
-)
+from grape.budget import Budget, BudgetError, LayerLimits, allocate_greedy
 from grape.methods.base import ExpertPruningMethod, Selection, register
 from grape.methods.reconstruction import ReroutingError, residual_energy
 from grape.stats import LayerStats
@@ -312,21 +306,14 @@ class GRAPEMethod(ExpertPruningMethod):
                 f"max_layer_share must be in (0, 1], got {self.options['max_layer_share']}"
             )
 
-    def _select(
-        self,
-        stats: Mapping[int, LayerStats],
-        limits: Mapping[int, LayerLimits],
-        *,
-        ratio: float | None,
-        keep_experts: int | None,
-    ) -> Selection:
-        total = global_removals_total(limits, ratio=ratio, keep_experts=keep_experts)
+    def _select(self, stats: Mapping[int, LayerStats], limits: Mapping[int, LayerLimits], budget: Budget) -> Selection:
+        total = budget.global_total(limits)
         energy = _energies(stats, self.options["normaliser"])
         if self.options["cost"] == "reroute":
             layers = {l: _ReroutingLayer(stats[l], limits[l], energy[l]) for l in sorted(stats)}
         else:
             layers = {l: _SubstitutionLayer(stats[l], limits[l], energy[l]) for l in sorted(stats)}
-        uniform = requested_removals(limits, ratio=ratio, keep_experts=keep_experts)
+        uniform = budget.requested(limits)
         order, guard = self._allocate(layers, total, uniform)
 
         removed: dict[int, list[int]] = {layer: [] for layer in layers}

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 import torch
 
-from grape.budget import LayerLimits, uniform_removals
+from grape.budget import Budget, LayerLimits
 from grape.methods.base import ExpertPruningMethod, Selection, register
 from grape.methods.reconstruction import ReroutingError, residual_energy
 from grape.stats import LayerStats
@@ -39,15 +39,8 @@ class NAEEMethod(ExpertPruningMethod):
     is_global = False
     default_options = {"exhaustive_limit": 3000, "beam_width": 8}
 
-    def _select(
-        self,
-        stats: Mapping[int, LayerStats],
-        limits: Mapping[int, LayerLimits],
-        *,
-        ratio: float | None,
-        keep_experts: int | None,
-    ) -> Selection:
-        removals = uniform_removals(limits, ratio=ratio, keep_experts=keep_experts)
+    def _select(self, stats: Mapping[int, LayerStats], limits: Mapping[int, LayerLimits], budget: Budget) -> Selection:
+        removals = budget.per_layer(limits)
         removed: dict[int, list[int]] = {}
         scores: dict[int, list[float]] = {}
         searches: dict[int, dict] = {}
