@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", parents=[every], help="remove or merge whole experts (GRAPE or a baseline)")
     p.add_argument("model", help="model directory (or Hub id where the network allows)")
     from grape.methods import available_methods
+    from grape.sparsity.scores import CRITERIA
 
     p.add_argument("--method", required=True, choices=available_methods())
     budget = p.add_mutually_exclusive_group(required=True)
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sparsify", parents=[every], help="unstructured or N:M weight sparsity inside experts (MoE-Pruner)")
     s.add_argument("model")
-    s.add_argument("--method", default="moe_pruner", choices=["moe_pruner", "wanda", "magnitude"])
+    s.add_argument("--method", default="moe_pruner", choices=CRITERIA.names())
     s.add_argument("--sparsity", type=float, required=True, help="fraction of expert weights to zero, in [0, 1)")
     s.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4")
     _add_calibration_flags(s, required=False)

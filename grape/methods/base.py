@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from grape.budget import Budget, LayerLimits
+from grape.registry import Registry
 from grape.stats import LayerStats
 
 __all__ = [
@@ -25,7 +26,7 @@ __all__ = [
     "ExpertPruningMethod",
     "ScoreMethod",
     "register",
-    "REGISTRY",
+    "METHODS",
     "nearest_by_cosine",
     "lowest_per_group",
 ]
@@ -59,15 +60,10 @@ class Selection:
     merge_into: dict[int, dict[int, int]] | None = None
 
 
-REGISTRY: dict[str, type[ExpertPruningMethod]] = {}
-
-
-def register(cls: type[ExpertPruningMethod]) -> type[ExpertPruningMethod]:
-    """Class decorator: make a method available under its ``name`` (the CLI's ``--method``)."""
-    if cls.name in REGISTRY:
-        raise ValueError(f"pruning method {cls.name!r} is registered twice")
-    REGISTRY[cls.name] = cls
-    return cls
+METHODS: Registry[type[ExpertPruningMethod]] = Registry("pruning method", package="grape.methods")
+"""Every expert-pruning method, by ``--method`` name; the modules of this package register
+themselves (``@register`` in each file), discovered on first lookup."""
+register = METHODS.register
 
 
 class ExpertPruningMethod(ABC):

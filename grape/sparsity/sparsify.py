@@ -44,7 +44,7 @@ from grape.sparsity.collect import (
 )
 from grape.sparsity.layout import EXPERT_WEIGHTS, in_features, oriented
 from grape.sparsity.masks import SparsityPattern, keep_mask, parse_pattern
-from grape.sparsity.scores import SCORE_METHODS, ScoreMethod, get_score_method
+from grape.sparsity.scores import WeightCriterion, get_criterion
 from grape_kernels.architectures import UnsupportedModelError
 from grape_kernels.experts_module import expert_activation
 
@@ -55,14 +55,14 @@ __all__ = ["SparsityPlan", "SparsifyJob", "sparsify_experts", "prepare_sparsify"
 class SparsityPlan:
     """What to prune and how: the validated ``--method``, ``--pattern`` and ``--sparsity``."""
 
-    method: ScoreMethod
+    method: WeightCriterion
     pattern: SparsityPattern
     sparsity: float
 
     @classmethod
     def build(cls, method: str, sparsity: float | None, pattern: SparsityPattern) -> SparsityPlan:
         """Validate the combination; N:M fixes the sparsity, so a conflicting value is an error."""
-        score_method = get_score_method(method)
+        score_method = get_criterion(method)
         if pattern.structured:
             implied = pattern.sparsity
             if sparsity is not None and abs(sparsity - implied) > 1e-9:
@@ -89,7 +89,7 @@ def _prune_matrix(
     """Zero the lowest-scoring weights of one expert matrix in place."""
     weight = oriented(experts, name, expert)
     if stats is None or int(stats.tokens[expert]) == 0:
-        scores = SCORE_METHODS["magnitude"].score(weight, None, expert)
+        scores = get_criterion("magnitude").score(weight, None, expert)
     else:
         scores = plan.method.score(weight, stats, expert)
     weight.masked_fill_(~keep_mask(scores, plan.pattern, plan.sparsity), 0)

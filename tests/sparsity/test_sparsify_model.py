@@ -123,7 +123,7 @@ def _fail(message: str):
         ({"sparsity": None, "pattern": "3:2"}, ValueError, "0 < N < M"),
         ({"sparsity": None, "pattern": "a:b"}, ValueError, "N:M with integers"),
         ({"sparsity": None, "pattern": "1:3"}, ValueError, "M=3 does not divide the input width 32 of layer 0 gate_up_proj"),
-        ({"sparsity": 0.5, "method": "obs"}, ValueError, "choose one of moe_pruner, wanda, magnitude"),
+        ({"sparsity": 0.5, "method": "obs"}, ValueError, "unknown sparsification method 'obs'; available: magnitude, moe_pruner, wanda"),
         ({"sparsity": 0.5, "calib_ids": None}, ValueError, "needs calibration data"),
         ({"sparsity": 0.5, "calib_ids": torch.zeros(0, 8, dtype=torch.long)}, ValueError, "needs calibration data"),
     ],
