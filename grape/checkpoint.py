@@ -26,7 +26,8 @@ from pathlib import Path
 
 from torch import nn
 
-from grape.model_io import TOKENIZER_FILES, LazyCausalLM, load_config
+from grape.checkpoint_files import TOKENIZER_FILES, load_config, read_layout
+from grape.model_io import LazyCausalLM
 from grape.output_guard import REPORT_FILE, OutputClaim
 from grape.report import plot_experts_per_layer, write_json_atomic
 from grape.shards import ShardWriter, header_bound
@@ -53,10 +54,9 @@ def estimated_bytes(lazy: LazyCausalLM, *, kept_expert_fraction: float = 1.0) ->
     Used to refuse an output location without enough free space before any heavy work.
     """
     total = routed = 0
-    for key in lazy.index.keys():
-        size = lazy.index.nbytes(key)
-        total += size
-        routed += size if ".experts." in key else 0
+    for entry in lazy.index.entries.values():
+        total += entry.nbytes
+        routed += entry.nbytes if entry.routed else 0
     small_files = sum((lazy.model_dir / name).stat().st_size for name in TOKENIZER_FILES if (lazy.model_dir / name).is_file())
     return int(total - routed * (1.0 - kept_expert_fraction)) + small_files + (256 << 10)  # + config, report, plot
 
@@ -147,9 +147,7 @@ def load_pruned(path: str | os.PathLike, **kwargs) -> nn.Module:
     """
     from transformers import AutoModelForCausalLM
 
-    from grape.info import model_info
-
-    model_info(path)  # config and weights agree (per-layer counts, shards), from the headers alone
+    read_layout(path)  # config and weights agree (per-layer counts, shards), from the headers alone
     config = load_config(Path(path))
     if hasattr(config, "auto_map"):
         del config.auto_map

@@ -172,9 +172,10 @@ def _cmd_distill(args) -> None:
 
 def _cmd_eval(args) -> None:
     from grape.checkpoint import load_pruned
+    from grape.checkpoint_files import load_config
     from grape.errors import InputError
     from grape.evaluation import evaluate_tasks, perplexity
-    from grape.model_io import check_positions, load_config, load_tokenizer, parse_dtype, resolve_model_path
+    from grape.model_io import check_positions, load_tokenizer, parse_dtype, resolve_model_path
 
     if not args.ppl and not args.tasks:
         raise InputError("nothing to evaluate: give --ppl FILE and/or --tasks")

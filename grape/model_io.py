@@ -5,59 +5,28 @@ builds the transformers model skeleton without allocating weights, and materiali
 decoder layer at a time straight from the safetensors shards, so peak memory follows the
 largest layer plus the calibration activations.
 
-transformers 5 stores experts as fused 3-D tensors but ``save_pretrained`` writes (and the Hub
-serves) many MoE checkpoints with one tensor per expert (``experts.3.w1.weight`` or
-``experts.3.gate_proj.weight``, Mixtral under ``block_sparse_moe``). :class:`CheckpointIndex`
-resolves a module parameter name to the checkpoint tensors it comes from, stacking per-expert
-tensors when needed. Both layouts are tested.
+Which file holds which tensor, and how a module parameter maps to checkpoint tensors (fused or
+one per expert), is :class:`grape.checkpoint_files.CheckpointIndex`'s job; this module builds
+and fills the model. Both layouts are tested.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
+from grape.checkpoint_files import CheckpointError, CheckpointIndex, load_config
 from grape.errors import InputError
 from grape_kernels.architectures import MoEAdapter, get_adapter
 
-__all__ = [
-    "CheckpointError",
-    "CheckpointIndex",
-    "LazyCausalLM",
-    "TOKENIZER_FILES",
-    "resolve_model_path",
-    "parse_dtype",
-    "parse_device",
-    "load_config",
-    "load_tokenizer",
-    "check_positions",
-]
+__all__ = ["LazyCausalLM", "resolve_model_path", "parse_dtype", "parse_device", "load_tokenizer", "check_positions"]
 
-
-class CheckpointError(InputError):
-    """A model directory is missing, incomplete, or holds corrupt safetensors."""
-
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
-"""The files that make up a model's tokenizer (and generation defaults): copied into outputs."""
 
 _VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.tiktoken")
 
@@ -99,18 +68,6 @@ def parse_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def load_config(model_dir: Path):
-    """The transformers config of ``model_dir``; an unreadable ``config.json`` is one clear error."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"cannot read {model_dir / 'config.json'}: {exc}; is it a transformers model directory?"
-        ) from exc
-
-
 def check_positions(config, seq_len: int, flag: str = "--seq-len") -> None:
     """Refuse a window longer than the model's positions before anything is run on it."""
     limit = getattr(config, "max_position_embeddings", None)
@@ -137,16 +94,6 @@ def load_tokenizer(model_dir: Path):
         raise CheckpointError(f"cannot load the tokenizer in {model_dir}: {exc}") from exc
 
 
-_PER_EXPERT_SOURCES = {
-    # fused target -> per-expert tensor names, concatenated along dim 0 of each expert
-    "gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")),
-    "down_proj": (("w2",), ("down_proj",)),
-}
-
-
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
-
-
 def resolve_model_path(name_or_path: str) -> Path:
     """A local model directory, or a Hub snapshot when ``name_or_path`` is a Hub id and the network allows."""
     path = Path(name_or_path)
@@ -169,124 +116,6 @@ def resolve_model_path(name_or_path: str) -> Path:
         raise CheckpointError(
             f"{name_or_path!r} is not a local directory and could not be fetched from the Hub ({exc})"
         ) from exc
-
-
-class CheckpointIndex:
-    """Which safetensors file holds which tensor, with header validation up front."""
-
-    def __init__(self, model_dir: Path):
-        self.model_dir = model_dir
-        index_file = model_dir / "model.safetensors.index.json"
-        if index_file.is_file():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in model_dir.glob("*.safetensors"))
-            weight_map = {}
-        if not files:
-            raise CheckpointError(f"no .safetensors weights in {model_dir}")
-        self._handles = {}
-        self.key_to_file: dict[str, str] = {}
-        for name in files:
-            handle = self._open(model_dir / name)
-            self._handles[name] = handle
-            for key in handle.keys():
-                self.key_to_file[key] = name
-        missing = [k for k, f in weight_map.items() if k not in self.key_to_file]
-        if missing:
-            raise CheckpointError(f"{len(missing)} tensors listed in the index are missing, e.g. {missing[0]}")
-
-    @staticmethod
-    def _open(path: Path):
-        if not path.is_file():
-            raise CheckpointError(f"weights file {path} is missing")
-        try:
-            handle = safe_open(str(path), framework="pt")
-            size = path.stat().st_size
-            for key in handle.keys():
-                # get_slice reads only the header; a truncated file has offsets past its end
-                handle.get_slice(key)
-            _check_offsets(path, size)
-        except CheckpointError:
-            raise
-        except Exception as exc:
-            raise CheckpointError(f"corrupt or truncated safetensors file {path}: {exc}") from exc
-        return handle
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.key_to_file
-
-    def keys(self) -> list[str]:
-        return list(self.key_to_file)
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._handles[self.key_to_file[key]].get_tensor(key)
-
-    def shape(self, key: str) -> list[int]:
-        return list(self._handles[self.key_to_file[key]].get_slice(key).get_shape())
-
-    def nbytes(self, key: str) -> int:
-        """Bytes tensor ``key`` takes in its file, from the header alone."""
-        part = self._handles[self.key_to_file[key]].get_slice(key)
-        numel = 1
-        for dim in part.get_shape():
-            numel *= dim
-        return numel * _DTYPE_BYTES.get(part.get_dtype(), 4)
-
-    def sources_for(self, param_name: str) -> list[str] | None:
-        """Checkpoint keys that make up module parameter ``param_name`` (None when absent)."""
-        for candidate in _name_variants(param_name):
-            if candidate in self:
-                return [candidate]
-        for candidate in _name_variants(param_name):
-            head, _, leaf = candidate.rpartition(".experts.")
-            for parts in _PER_EXPERT_SOURCES.get(leaf, ()):
-                keys = self._per_expert_keys(f"{head}.experts", parts)
-                if keys:
-                    return keys
-        return None
-
-    def _per_expert_keys(self, prefix: str, parts: tuple[str, ...]) -> list[str]:
-        keys = []
-        index = 0
-        while all(f"{prefix}.{index}.{p}.weight" in self for p in parts):
-            keys.extend(f"{prefix}.{index}.{p}.weight" for p in parts)
-            index += 1
-        return keys
-
-    def load(self, param_name: str) -> torch.Tensor | None:
-        """The tensor for module parameter ``param_name``, stacking per-expert tensors if needed."""
-        keys = self.sources_for(param_name)
-        if keys is None:
-            return None
-        if len(keys) == 1 and not re.search(r"\.experts\.\d+\.", keys[0]):
-            return self.get(keys[0])
-        leaf = param_name.rpartition(".experts.")[2]
-        parts_per_expert = 2 if leaf == "gate_up_proj" else 1
-        tensors = [self.get(k) for k in keys]
-        experts = [
-            torch.cat(tensors[i : i + parts_per_expert], dim=0)
-            for i in range(0, len(tensors), parts_per_expert)
-        ]
-        return torch.stack(experts)
-
-
-def _check_offsets(path: Path, size: int) -> None:
-    """Raise if the header promises more bytes than the file holds (a truncated download)."""
-    with open(path, "rb") as fh:
-        header_len = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end > size:
-        raise CheckpointError(f"truncated safetensors file {path}: {size} bytes, header needs {8 + header_len + end}")
-
-
-def _name_variants(name: str) -> list[str]:
-    """Names a parameter may have in a checkpoint (Mixtral's legacy ``block_sparse_moe``)."""
-    variants = [name]
-    if ".mlp." in name:
-        variants.append(name.replace(".mlp.", ".block_sparse_moe.", 1))
-    return variants
 
 
 class LazyCausalLM:

@@ -26,14 +26,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SAFETENSORS_DTYPES", "ShardWriter", "header_bound"]
+from grape.checkpoint_files import SAFETENSORS_DTYPES
 
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}  # fmt: skip
-"""The safetensors dtype string of every torch dtype a checkpoint tensor may have."""
+__all__ = ["ShardWriter", "header_bound"]
+
 
 MAX_SHARD_BYTES = 2 * 1024**3
 _METADATA = {"format": "pt"}

@@ -12,13 +12,13 @@ from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, MixtralConfig, MixtralForCausalLM
 
 import grape.info as info_module
+from grape.checkpoint_files import CheckpointError
 from grape.info import (
     compare_info,
     format_comparison,
     format_info,
     model_info,
 )
-from grape.model_io import CheckpointError
 from grape_kernels.architectures import UnsupportedModelError
 
 SHARED_MODEL = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "mixtral-8x-pydoc"

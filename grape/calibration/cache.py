@@ -53,9 +53,9 @@ def stats_cache_key(
     """
     digest = hashlib.sha256()
     digest.update(json.dumps(lazy.config.to_dict(), sort_keys=True, default=str).encode())
-    for name in sorted(set(lazy.index.key_to_file.values())):
-        stat = (lazy.model_dir / name).stat()
-        digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for path in sorted(lazy.index.files()):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     digest.update(input_ids.cpu().numpy().tobytes())
     digest.update(f"{sample_tokens}:{batch_size}:{seed}:{sequential}:{lazy.dtype}:{VERSION}".encode())
     return digest.hexdigest()[:24]
