@@ -82,8 +82,8 @@ def main() -> None:
                 out = Path(tmp) / f"{name}-{ratio}"
                 started = time.perf_counter()
                 prune(
-                    args.model,
                     PruneOptions(
+                        model=args.model,
                         method=method,
                         merge=variant == "merge",
                         out=str(out),

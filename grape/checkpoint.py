@@ -2,8 +2,8 @@
 
 A checkpoint is streamed layer by layer (:mod:`grape.shards`) into the temporary directory of
 an output claimed with :func:`grape.output_guard.claim_output`, which renames it into place at
-the end: an interrupted run leaves no half-written output, and peak memory is one decoder
-layer. Layout (the contract in DESIGN.md):
+the end (:func:`grape.pipeline.run_pipeline` does both): an interrupted run leaves no
+half-written output, and peak memory is one decoder layer. Layout (the contract in DESIGN.md):
 
 - ``config.json``: the original architecture plus ``grape_experts_per_layer`` (one entry per
   decoder layer, None for dense layers) and ``grape_moe_layout``; the scalar expert count is
@@ -28,8 +28,6 @@ from torch import nn
 
 from grape.checkpoint_files import TOKENIZER_FILES, load_config, read_layout
 from grape.model_io import LazyCausalLM
-from grape.output_guard import REPORT_FILE, OutputClaim
-from grape.report import plot_experts_per_layer, write_json_atomic
 from grape.shards import ShardWriter, header_bound
 from grape_kernels import ragged_modeling
 from grape_kernels.ragged_modeling import GRAPE_COUNTS_KEY, GRAPE_LAYOUT_KEY, make_ragged_class
@@ -62,21 +60,18 @@ def estimated_bytes(lazy: LazyCausalLM, *, kept_expert_fraction: float = 1.0) ->
 
 
 def write_checkpoint(
-    lazy: LazyCausalLM,
-    claim: OutputClaim,
-    *,
-    transform_layer: Callable[[int, nn.Module], None] | None,
-    report: dict,
-    plot_title: str = "routed experts per layer",
-) -> None:
-    """Stream ``lazy`` into the claimed temporary directory, calling ``transform_layer(i, layer)``
-    on each materialised layer; the caller commits the claim once the report is complete."""
-    directory = claim.tmp
-    counts_before = expert_counts(lazy.model, lazy)
+    lazy: LazyCausalLM, directory: Path, *, transform_layer: Callable[[int, nn.Module], None] | None = None
+) -> list[str]:
+    """Stream ``lazy`` into ``directory``, calling ``transform_layer(i, layer)`` on each
+    materialised decoder layer first; returns the names of the weight files written.
+
+    ``directory`` is a claimed output's temporary directory (:mod:`grape.output_guard`); the
+    caller adds the report and commits. Memory: one decoder layer (:mod:`grape.shards` writes
+    each tensor as it comes). Writes weights, ``config.json``, ``modeling_grape.py`` and the
+    tokenizer files.
+    """
     tied = bool(getattr(lazy.config, "tie_word_embeddings", False))
-    names = [(n, p.shape) for n, p in lazy.model.named_parameters()] + list(
-        (n, b.shape) for n, b in lazy.model.named_buffers()
-    )
+    names = [(n, p.shape) for n, p in lazy.model.named_parameters()] + [(n, b.shape) for n, b in lazy.model.named_buffers()]
     writer = ShardWriter(directory, lazy.checkpoint_dtype, header_bytes=header_bound(names))
     try:
         for name, _ in lazy.model.named_parameters():
@@ -89,18 +84,13 @@ def write_checkpoint(
                     transform_layer(index, layer)
                 prefix = lazy.layer_prefix(index)
                 writer.add_all({f"{prefix}.{name}": tensor for name, tensor in layer.state_dict().items()})
-        writer.finish()
+        weight_files = writer.finish()
     finally:
         writer.close()
-    counts_after = expert_counts(lazy.model, lazy)
-    _write_config(lazy, directory, counts_after)
+    _write_config(lazy, directory, expert_counts(lazy.model, lazy))
     _write_modeling_file(lazy, directory)
     _copy_tokenizer_files(lazy.model_dir, directory)
-    report = dict(report)
-    report.setdefault("experts_per_layer_before", counts_before)
-    report["experts_per_layer"] = counts_after
-    write_json_atomic(report, directory / REPORT_FILE)
-    plot_experts_per_layer(counts_before, counts_after, directory / "experts_per_layer.png", plot_title)
+    return weight_files
 
 
 def _write_config(lazy: LazyCausalLM, directory: Path, counts: list[int | None]) -> None:

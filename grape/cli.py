@@ -15,6 +15,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
@@ -39,6 +40,11 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output directory (never inside or around an input)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an empty directory or a previous grape output")
 
 
 def _add_calibration_flags(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -71,8 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-tokens", type=_positive_int, default=512, help="tokens per layer on which every expert is evaluated (default 512)")
     p.add_argument("--entropy-floor", type=float, default=None, help="GRAPE: minimum normalised entropy of removals over layers")
     p.add_argument("--no-cache", action="store_true", help="recompute calibration statistics even if cached")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    _add_output_flags(p)
     p.set_defaults(func=_cmd_prune)
 
     s = sub.add_parser("sparsify", parents=[every], help="unstructured or N:M weight sparsity inside experts (MoE-Pruner)")
@@ -81,14 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sparsity", type=float, required=True, help="fraction of expert weights to zero, in [0, 1)")
     s.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4")
     _add_calibration_flags(s, required=False)
-    s.add_argument("--out", required=True)
-    s.add_argument("--overwrite", action="store_true")
+    _add_output_flags(s)
     s.set_defaults(func=_cmd_sparsify)
 
     d = sub.add_parser("distill", parents=[every], help="expert-wise knowledge distillation of a pruned model")
-    d.add_argument("student")
+    d.add_argument("model", metavar="student", help="the pruned or sparsified model to train")
     d.add_argument("--teacher", required=True)
-    d.add_argument("--data", required=True, help="training text (same formats as --calib)")
+    d.add_argument("--data", dest="calib", required=True, help="training text (same formats as --calib)")
     d.add_argument("--steps", type=_positive_int, default=100)
     d.add_argument("--lr", type=float, default=1e-4)
     d.add_argument("--lambda", dest="lam", type=float, default=1.0, help="weight of the expert-output MSE term")
@@ -97,9 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--checkpoint-every", type=_positive_int, default=50)
     d.add_argument("--resume", action="store_true")
-    d.add_argument("--out", required=True)
-    d.add_argument("--overwrite", action="store_true")
-    d.set_defaults(func=_cmd_distill)
+    _add_output_flags(d)
+    d.set_defaults(func=_cmd_distill, device="cpu", dtype=None)
 
     e = sub.add_parser("eval", parents=[every], help="perplexity (and lm-eval tasks where installed)")
     e.add_argument("model")
@@ -128,46 +131,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _common(args) -> dict:
+    """The :class:`grape.pipeline.CommonOptions` fields every writing command's flags give."""
+    return {
+        "model": args.model, "out": args.out, "overwrite": args.overwrite, "device": args.device,
+        "dtype": args.dtype, "seed": args.seed, "calib": args.calib, "seq_len": args.seq_len,
+    }  # fmt: skip
+
+
 def _cmd_prune(args) -> None:
     from grape.prune import PruneOptions, prune
 
-    options = {}
-    if args.entropy_floor is not None:
-        options["entropy_floor"] = args.entropy_floor
-    opts = PruneOptions(
-        method=args.method,
-        out=args.out,
-        calib=args.calib,
-        budget=args.budget,
-        merge=args.merge,
-        calib_samples=args.calib_samples,
-        seq_len=args.seq_len,
-        sequential=args.sequential,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        sample_tokens=args.sample_tokens,
-        use_cache=not args.no_cache,
-        method_options=options,
-    )
-    out = prune(args.model, opts)
-    report = json.loads((out / "grape_report.json").read_text())
-    print(f"wrote {out}")
+    options = {} if args.entropy_floor is None else {"entropy_floor": args.entropy_floor}
+    report = prune(
+        PruneOptions(
+            **_common(args), calib_samples=args.calib_samples, method=args.method, budget=args.budget, merge=args.merge,
+            sequential=args.sequential, sample_tokens=args.sample_tokens, use_cache=not args.no_cache,
+            method_options=options,
+        )
+    )  # fmt: skip
+    print(f"wrote {Path(args.out).resolve()}")
     print(f"experts per layer: {report['experts_per_layer']}")
     print(f"parameters: {report['parameters_before']:,} -> {report['parameters_after']:,}; time {report['timings_s']['total']:.1f}s")
 
 
 def _cmd_sparsify(args) -> None:
-    from grape.sparsity.sparsify import sparsify_cli
+    from grape.sparsity.sparsify import SparsifyOptions, sparsify
 
-    sparsify_cli(args)
+    report = sparsify(
+        SparsifyOptions(
+            **_common(args), calib_samples=args.calib_samples, method=args.method, sparsity=args.sparsity,
+            pattern=args.pattern,
+        )
+    )  # fmt: skip
+    totals = report["expert_weights"]
+    print(f"wrote {Path(args.out).resolve()}")
+    print(
+        f"{report['method']} {report['pattern']}: {totals['zeros']:,} of {totals['total']:,} routed expert "
+        f"weights are zero ({totals['sparsity']:.2%}); time {report['timings_s']['total']:.1f}s"
+    )
 
 
 def _cmd_distill(args) -> None:
-    from grape.distill import distill_cli
+    from grape.distill import DistillOptions, distill
 
-    distill_cli(args)
+    report = distill(
+        DistillOptions(
+            **_common(args), teacher=args.teacher, steps=args.steps, lr=args.lr, lam=args.lam,
+            batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        )
+    )  # fmt: skip
+    first, last = report["first"], report["last"]
+    print(f"wrote {Path(args.out).resolve()}")
+    print(
+        f"steps {report['resumed_from_step'] or 0} -> {report['steps']}: CE {first['ce']:.4f} -> {last['ce']:.4f}, "
+        f"expert MSE {first['kd']:.4g} -> {last['kd']:.4g}; time {report['timings_s']['total']:.1f}s"
+    )
 
 
 def _cmd_eval(args) -> None:

@@ -624,16 +624,18 @@ def run_demo(work_dir: str | os.PathLike[str], quick: bool = False, model: str |
             for method in DEMO_METHODS:
                 out = work / "pruned" / f"{method}-{round(ratio * 100)}"
                 print(f"pruning {ratio:.0%} of the experts with {method}", flush=True)
-                options = PruneOptions(
-                    method=method,
-                    out=str(out),
-                    calib=str(calib),
-                    budget=Budget(ratio=ratio),
-                    calib_samples=settings.calib_samples,
-                    seq_len=seq_len,
-                    overwrite=True,
+                prune(
+                    PruneOptions(
+                        model=str(model_dir),
+                        method=method,
+                        out=str(out),
+                        calib=str(calib),
+                        budget=Budget(ratio=ratio),
+                        calib_samples=settings.calib_samples,
+                        seq_len=seq_len,
+                        overwrite=True,
+                    )
                 )
-                out = prune(str(model_dir), options)
                 pruned[method, ratio] = _measure(out, tokenizer, eval_sets, seq_len, settings.eval_tokens)
 
     summary_rows = _summary_rows(original, pruned)

@@ -21,9 +21,21 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from grape.errors import InputError
 from grape.files import write_atomic, write_text_atomic
+from grape.output_guard import REPORT_FILE
 
-__all__ = ["VOLATILE_KEYS", "plot_experts_per_layer", "write_json_atomic", "format_table"]
+__all__ = [
+    "VOLATILE_KEYS",
+    "PLOT_FILE",
+    "write_report",
+    "previous_report",
+    "plot_experts_per_layer",
+    "write_json_atomic",
+    "format_table",
+]
+
+PLOT_FILE = "experts_per_layer.png"
 
 VOLATILE_KEYS = ("timings_s", "resumed_from_step")
 """Report keys that describe how this run went rather than the checkpoint it wrote. Everything
@@ -91,6 +103,33 @@ def plot_experts_per_layer(
     axes.set_ylim(0, max([*before_moe, *after_moe, 1]) * 1.25)
     axes.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
     return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+
+
+def write_report(directory: Path, report: dict[str, Any], *, plot_title: str) -> dict[str, Any]:
+    """Write a checkpoint's plot and ``grape_report.json`` into ``directory``; returns the report.
+
+    The report is assembled by the caller and written once, last, so it can list every file
+    of the checkpoint (``"files"``): that list is how ``--overwrite`` later recognises the
+    directory as a grape output holding nothing of the user's.
+    """
+    plot_experts_per_layer(report["experts_per_layer_before"], report["experts_per_layer"], directory / PLOT_FILE, plot_title)
+    report = {**report, "files": sorted({p.name for p in directory.iterdir()} | {REPORT_FILE})}
+    write_json_atomic(report, directory / REPORT_FILE)
+    return json.loads(json.dumps(report, default=_json_default))
+
+
+def previous_report(model_dir: Path) -> dict[str, Any] | None:
+    """The input's own grape report (e.g. of ``grape prune``), so an output records every step."""
+    path = model_dir / REPORT_FILE
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"cannot read {path}: {exc}; remove it if it does not belong to this model") from exc
+    if not isinstance(report, dict):
+        raise InputError(f"{path} is not a grape report")
+    return report
 
 
 def _json_default(value: Any) -> Any:

@@ -33,9 +33,9 @@ def _targets(stage: str, command: str) -> tuple[object, str, int]:
         import grape.sparsity.sparsify
 
         return grape.sparsity.sparsify, "sparsify_experts", 1
-    import grape.distill
+    import grape.distill_training
 
-    return grape.distill.DistillJob, "_save_checkpoint", 1
+    return grape.distill_training, "save_training_state", 1
 
 
 def patches(stage: str, command: str, signum: int) -> tuple[object, str, Callable]:

@@ -107,6 +107,6 @@ def test_failure_mid_write_leaves_no_output_and_input_unchanged(tmp_path):
 
     lazy = LazyCausalLM.open(src)
     with pytest.raises(KeyboardInterrupt), claim_output(out, inputs={}, overwrite=False) as claim:
-        write_checkpoint(lazy, claim, transform_layer=exploding, report={})
+        write_checkpoint(lazy, claim.tmp, transform_layer=exploding)
     assert not out.exists() and not list(tmp_path.glob(".pruned.grape-*"))
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before

@@ -106,12 +106,21 @@ def write_calibration_text(path: Path, repeats: int = 40) -> Path:
     return path
 
 
-def save_checkpoint(lazy, out: Path, *, transform_layer, report: dict, overwrite: bool = False) -> Path:
-    """Write ``lazy`` (each layer passed through ``transform_layer``) as a grape checkpoint at ``out``:
-    claim the output, stream the checkpoint into it, commit, as the commands do."""
-    from grape.checkpoint import write_checkpoint
-    from grape.output_guard import claim_output
+def save_checkpoint(lazy, out: Path, *, transform_layer, report: dict, overwrite: bool = False) -> dict:
+    """Write ``lazy``'s model (each layer passed through ``transform_layer``) as a grape checkpoint
+    at ``out``, through the same pipeline the commands use; ``report`` joins the written report."""
+    from grape.pipeline import CommonOptions, Pipeline, run_pipeline
 
-    with claim_output(out, inputs={"input model": lazy.model_dir}, overwrite=overwrite) as claim:
-        write_checkpoint(lazy, claim, transform_layer=transform_layer, report=report)
-        return claim.commit()
+    class Transform(Pipeline):
+        step = "test"
+
+        def validate(self) -> None:
+            pass
+
+        def transform_layer(self, index, layer) -> None:
+            transform_layer(index, layer)
+
+        def report_sections(self) -> dict:
+            return dict(report)
+
+    return run_pipeline(Transform(CommonOptions(model=str(lazy.model_dir), out=str(out), overwrite=overwrite)))

@@ -10,15 +10,20 @@ import pytest
 import torch
 from tiny_models import ARCHS, build_tiny_model, save_checkpoint
 
+import grape.pipeline
 from grape.checkpoint import load_pruned
 from grape.errors import OutputExistsError
 from grape.model_io import LazyCausalLM
 from grape.sparsity import sparsify as sparsify_module
 from grape.sparsity.collect import capture_routed_inputs
 from grape.sparsity.masks import parse_pattern
-from grape.sparsity.sparsify import SparsityPlan, sparsify_experts, sparsify_model
+from grape.sparsity.sparsify import SparsifyOptions, SparsityPlan, sparsify, sparsify_experts
 from grape.surgery import prune_block
 from grape_kernels.architectures import UnsupportedModelError
+
+
+def sparsify_model(model: Path, out: Path, **options) -> dict:
+    return sparsify(SparsifyOptions(model=str(model), out=str(out), **options))
 
 
 def _digest(directory: Path) -> dict[str, str]:
@@ -130,7 +135,7 @@ def _fail(message: str):
 )
 def test_bad_input_fails_before_heavy_work(kwargs, error, why, tiny_mixtral_dir, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(sparsify_module, "run_layerwise", _fail("calibration started"))
-    monkeypatch.setattr(sparsify_module, "write_checkpoint", _fail("writing started"))
+    monkeypatch.setattr(grape.pipeline, "write_checkpoint", _fail("writing started"))
     options = {"method": "moe_pruner", "calib_ids": _calib_ids()} | kwargs
     with pytest.raises(error, match=why):
         sparsify_model(tiny_mixtral_dir, tmp_path / "out", **options)
