@@ -229,7 +229,8 @@ def _cmd_eval(args) -> None:
 
 
 def _cmd_info(args) -> None:
-    from grape.info import compare_info, format_comparison, format_info, model_info
+    from grape.info import compare_info, model_info
+    from grape.info_format import format_comparison, format_info
 
     if args.compare:
         info = compare_info(args.compare, args.model, sparsity=args.sparsity)

@@ -3,8 +3,8 @@
 Calibration and perplexity both need the same thing: a list of documents turned into one long
 token stream with the EOS token between documents (so no window silently glues the end of one
 file onto the start of another without the separator the model saw in training). This module
-owns that stream, the seeded choice of calibration windows, and the fingerprint that keys the
-statistics cache, so that calibration and evaluation can never tokenise text differently.
+owns that stream and the seeded choice of calibration windows, so that calibration and
+evaluation can never tokenise text differently.
 
 Every bad input (missing path, empty files, malformed JSON lines, too little text) raises
 :class:`CalibrationDataError` *before* any model work starts, naming what is wrong and where.
@@ -12,7 +12,6 @@ Every bad input (missing path, empty files, malformed JSON lines, too little tex
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -28,7 +27,6 @@ __all__ = [
     "load_texts",
     "tokenize_documents",
     "build_calibration_ids",
-    "calibration_fingerprint",
 ]
 
 _LOCAL_SUFFIXES = (".txt", ".jsonl")
@@ -228,26 +226,3 @@ def build_calibration_ids(
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(windows.shape[0], generator=generator)[:num_samples]
     return windows[chosen].clone()
-
-
-def calibration_fingerprint(
-    texts: Sequence[str], num_samples: int, seq_len: int, seed: int, tokenizer_name: str
-) -> str:
-    """SHA-256 hex digest identifying a calibration set, for the statistics cache key.
-
-    Every document is length-prefixed before hashing so that re-splitting the same characters
-    into different documents (which changes where EOS tokens go) changes the fingerprint.
-    """
-    digest = hashlib.sha256()
-    header = {
-        "num_samples": num_samples,
-        "seq_len": seq_len,
-        "seed": seed,
-        "tokenizer": tokenizer_name,
-    }
-    digest.update(json.dumps(header, sort_keys=True).encode("utf-8"))
-    for text in texts:
-        data = text.encode("utf-8")
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.hexdigest()

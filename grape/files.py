@@ -16,7 +16,17 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["user_mode", "apply_user_modes", "write_atomic", "write_text_atomic"]
+__all__ = ["human_bytes", "user_mode", "apply_user_modes", "write_atomic", "write_text_atomic"]
+
+
+def human_bytes(n: int) -> str:
+    """``1536`` -> ``"1.50 KiB"``: file sizes in messages and summaries."""
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{n} B" if unit == "B" else f"{value:.2f} {unit}"
 
 
 def _umask() -> int:

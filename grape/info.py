@@ -20,15 +20,8 @@ from typing import Any
 from safetensors import safe_open
 
 from grape.checkpoint_files import TENSOR_TYPES, TensorEntry, read_layout
-from grape.report import format_table
 
-__all__ = [
-    "TENSOR_TYPES",
-    "model_info",
-    "compare_info",
-    "format_info",
-    "format_comparison",
-]
+__all__ = ["RATIO_KEYS", "model_info", "compare_info"]
 
 # Elements read at once by the sparsity count: bounds peak memory on huge fused tensors.
 _ZERO_COUNT_CHUNK = 1 << 24
@@ -99,7 +92,8 @@ def model_info(path: str | os.PathLike[str], *, sparsity: bool = False) -> dict:
 
     Reads ``config.json`` and the safetensors headers (sharded or not). With ``sparsity=True``
     also streams every tensor once to count exact zeros, per layer and per tensor type
-    (:data:`TENSOR_TYPES`).
+    (:data:`grape.checkpoint_files.TENSOR_TYPES`). :mod:`grape.info_format` turns the result
+    into text.
 
     Returns a dict with ``path``, ``model_type``, ``architecture``, ``num_layers``, ``top_k``,
     ``files``, ``parameters`` (all stored elements), ``tensor_bytes``, ``file_bytes`` (size on
@@ -158,7 +152,7 @@ def model_info(path: str | os.PathLike[str], *, sparsity: bool = False) -> dict:
     return info
 
 
-_RATIO_KEYS = (
+RATIO_KEYS = (
     "parameters",
     "file_bytes",
     "total_experts",
@@ -190,97 +184,5 @@ def compare_info(
             f"cannot compare {before['path']} ({before['num_layers']} layers) with "
             f"{after['path']} ({after['num_layers']} layers)"
         )
-    ratio = {k: after[k] / before[k] if before[k] else None for k in _RATIO_KEYS}
+    ratio = {k: after[k] / before[k] if before[k] else None for k in RATIO_KEYS}
     return {"before": before, "after": after, "ratio": ratio}
-
-
-def _human_bytes(n: int) -> str:
-    units = ("B", "KiB", "MiB", "GiB", "TiB")
-    power = 0 if n < 1024 else min(int(math.log(n, 1024)), len(units) - 1)
-    return f"{n} B" if power == 0 else f"{n / 1024**power:.2f} {units[power]}"
-
-
-def format_info(info: dict) -> str:
-    """A :func:`model_info` result as text: a summary followed by a per-layer markdown table."""
-    lines = [
-        f"{info['path']}: {info['architecture']} ({info['model_type']}), "
-        f"{info['num_layers']} decoder layers, top-{info['top_k']} routing",
-        f"parameters: {info['parameters']:,} ({_human_bytes(info['file_bytes'])} on disk in "
-        f"{len(info['files'])} file(s); dtypes: {', '.join(sorted(info['dtypes']))})",
-        f"routed experts: {info['total_experts']} in total, {info['routed_expert_parameters']:,} "
-        f"parameters ({_human_bytes(info['routed_expert_bytes'])})",
-    ]
-    if "sparsity" in info:
-        sparsity = info["sparsity"]
-        by_type = ", ".join(
-            f"{k} {v['zero_fraction']:.2%}" for k, v in sparsity["by_type"].items() if v["parameters"]
-        )
-        lines.append(f"zeros: {sparsity['zero_fraction']:.2%} of all parameters ({by_type})")
-    rows = []
-    for layer in info["layers"]:
-        row = {
-            "layer": layer["layer"],
-            "experts": "dense" if layer["experts"] is None else layer["experts"],
-            "expert params": layer["expert_parameters"],
-            "expert size": _human_bytes(layer["expert_bytes"]),
-        }
-        if "zero_fraction" in layer:
-            row["zeros"] = f"{layer['zero_fraction']:.2%}"
-            row["expert zeros"] = _expert_zero_text(layer["zero_fraction_by_type"])
-        rows.append(row)
-    columns = ["layer", "experts", "expert params", "expert size"]
-    if "sparsity" in info:
-        columns += ["zeros", "expert zeros"]
-    return "\n".join(lines) + "\n\n" + format_table(rows, columns)
-
-
-def _expert_zero_text(by_type: dict[str, float]) -> str:
-    parts = [f"{k} {by_type[k]:.2%}" for k in ("gate_up_proj", "down_proj") if k in by_type]
-    return ", ".join(parts)
-
-
-def format_comparison(comparison: dict) -> str:
-    """A :func:`compare_info` result as text: totals with ratios, then experts per layer."""
-    before, after, ratio = comparison["before"], comparison["after"], comparison["ratio"]
-    summary = [
-        {
-            "": key.replace("_", " "),
-            "before": before[key],
-            "after": after[key],
-            "after / before": ratio[key],
-        }
-        for key in _RATIO_KEYS
-    ]
-    if "sparsity" in before and "sparsity" in after:
-        summary.append(
-            {
-                "": "zero fraction",
-                "before": before["sparsity"]["zero_fraction"],
-                "after": after["sparsity"]["zero_fraction"],
-            }
-        )
-    layers = [
-        {
-            "layer": b["layer"],
-            "experts before": "dense" if b["experts"] is None else b["experts"],
-            "experts after": "dense" if a["experts"] is None else a["experts"],
-            "expert params before": b["expert_parameters"],
-            "expert params after": a["expert_parameters"],
-        }
-        for b, a in zip(before["layers"], after["layers"])
-    ]
-    return (
-        f"before: {before['path']}\nafter:  {after['path']}\n\n"
-        + format_table(summary, ["", "before", "after", "after / before"])
-        + "\n\n"
-        + format_table(
-            layers,
-            [
-                "layer",
-                "experts before",
-                "experts after",
-                "expert params before",
-                "expert params after",
-            ],
-        )
-    )

@@ -39,22 +39,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from grape.errors import GrapeWarning, OutputBusyError, OutputError, OutputExistsError, describe_os_error
-from grape.files import apply_user_modes
+from grape.files import apply_user_modes, human_bytes
 
-__all__ = ["REPORT_FILE", "OutputClaim", "claim_output", "check_disjoint", "human_bytes"]
+__all__ = ["REPORT_FILE", "OutputClaim", "claim_output", "check_disjoint"]
 
 REPORT_FILE = "grape_report.json"
 """The marker of a grape checkpoint: the report every checkpoint carries."""
-
-
-def human_bytes(n: int) -> str:
-    """``1536`` -> ``"1.50 KiB"``: sizes in messages and summaries."""
-    value, unit = float(n), "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    return f"{n} B" if unit == "B" else f"{value:.2f} {unit}"
 
 
 def _resolved(path: str | os.PathLike[str]) -> Path:

@@ -51,7 +51,7 @@ class LayerStats:
     token_logits: torch.Tensor
     token_gram: torch.Tensor
     token_out_sq: torch.Tensor
-    token_resid_sq: torch.Tensor | None = None
+    token_resid_sq: torch.Tensor
 
     @property
     def num_experts(self) -> int:
@@ -63,7 +63,7 @@ class LayerStats:
         This is what the on-disk cache stores (safetensors + JSON), so reading it back can never
         run code, whoever wrote the file.
         """
-        tensors = {name: getattr(self, name).contiguous() for name in _TENSORS if getattr(self, name) is not None}
+        tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
         spec = asdict(self.spec)
         bias = spec.pop("correction_bias")
         if bias is not None:
@@ -98,8 +98,6 @@ class LayerStats:
         }  # fmt: skip
         for name, shape in expected.items():
             value = getattr(self, name)
-            if value is None and name == "token_resid_sq":
-                continue
             if not isinstance(value, torch.Tensor) or value.dtype != torch.float64 or tuple(value.shape) != shape:
                 found = (value.dtype, tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"{name} should be float64 of shape {shape}, found {found}")

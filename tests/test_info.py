@@ -13,12 +13,8 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, MixtralConfig,
 
 import grape.info as info_module
 from grape.checkpoint_files import CheckpointError
-from grape.info import (
-    compare_info,
-    format_comparison,
-    format_info,
-    model_info,
-)
+from grape.info import compare_info, model_info
+from grape.info_format import format_comparison, format_info
 from grape_kernels.architectures import UnsupportedModelError
 
 SHARED_MODEL = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "mixtral-8x-pydoc"

@@ -46,7 +46,7 @@ class NAEEMethod(ExpertPruningMethod):
         searches: dict[int, dict] = {}
         for layer in sorted(stats):
             error = ReroutingError(stats[layer])
-            energy, _ = residual_energy(stats[layer])
+            energy = residual_energy(stats[layer])
             lim = limits[layer]
             drop, err, search = self._search(error, lim, removals[layer])
             removed[layer] = sorted(drop)
