@@ -43,7 +43,7 @@ from grape.checkpoint import expert_counts
 from grape.distill_training import TrainingSettings, train_experts
 from grape.errors import InputError, OutputExistsError
 from grape.model_io import LazyCausalLM
-from grape.pipeline import CommonOptions, Pipeline, run_pipeline
+from grape.pipeline import CommonOptions, Pipeline, run_pipeline, stage_labels
 from grape.report import previous_report
 from grape.training_state import STATE_FILE
 
@@ -89,10 +89,7 @@ class DistillPipeline(Pipeline):
     """Distillation through the shared stages (see the module docs)."""
 
     step = "distill"
-    timing_labels: ClassVar = {
-        "open": "setup", "validate": "setup", "calibrate": "training", "plan": "training",
-        "write": "save", "report": "save",
-    }  # fmt: skip
+    timing_labels = stage_labels(calibrate="training", plan="training", write="save")
     options: DistillOptions
 
     def open(self) -> None:

@@ -51,9 +51,15 @@ from grape.model_io import LazyCausalLM, check_positions, load_tokenizer, parse_
 from grape.output_guard import claim_output
 from grape.report import previous_report, write_report
 
-__all__ = ["STAGES", "CommonOptions", "Pipeline", "run_pipeline"]
+__all__ = ["STAGES", "CommonOptions", "Pipeline", "stage_labels", "run_pipeline"]
 
 STAGES = ("open", "validate", "calibrate", "plan", "write", "report")
+
+
+def stage_labels(*, calibrate: str, plan: str, write: str) -> dict[str, str]:
+    """Which report ``timings_s`` key each stage is counted under (opening and validating are
+    ``setup``; the report is counted with the write)."""
+    return {"open": "setup", "validate": "setup", "calibrate": calibrate, "plan": plan, "write": write, "report": write}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,10 +113,7 @@ class Pipeline(ABC):
     """
 
     step: ClassVar[str]
-    timing_labels: ClassVar[Mapping[str, str]] = {
-        "open": "setup", "validate": "setup", "calibrate": "calibration", "plan": "planning",
-        "write": "save", "report": "save",
-    }  # fmt: skip
+    timing_labels: ClassVar[Mapping[str, str]] = stage_labels(calibrate="calibration", plan="planning", write="save")
 
     def __init__(self, options: CommonOptions) -> None:
         self.options = options

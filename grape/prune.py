@@ -9,7 +9,7 @@ surgery happens while each layer is streamed to the output -> report.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from torch import nn
 
@@ -21,7 +21,7 @@ from grape.checkpoint import estimated_bytes, expert_counts
 from grape.methods import get_method
 from grape.methods.base import ExpertPruningMethod, PruningPlan
 from grape.model_io import LazyCausalLM
-from grape.pipeline import CommonOptions, Pipeline, run_pipeline
+from grape.pipeline import CommonOptions, Pipeline, run_pipeline, stage_labels
 from grape.stats import LayerStats
 from grape.surgery import prune_block
 
@@ -65,10 +65,7 @@ class PrunePipeline(Pipeline):
     """Expert pruning through the shared stages (see the module docs)."""
 
     step = "expert_pruning"
-    timing_labels: ClassVar = {
-        "open": "setup", "validate": "setup", "calibrate": "calibration", "plan": "planning",
-        "write": "surgery_and_save", "report": "surgery_and_save",
-    }  # fmt: skip
+    timing_labels = stage_labels(calibrate="calibration", plan="planning", write="surgery_and_save")
     options: PruneOptions
 
     def validate(self) -> None:

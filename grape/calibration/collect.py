@@ -98,21 +98,11 @@ class _LayerStatsCollector:
 
     def finish(self) -> LayerStats:
         logits, grams, out_sq, resid_sq = (torch.cat(parts) for parts in zip(*self.samples))
+        sums = ("freq", "soft_mass", "gate_mass", "out_norm_sum", "gated_out_norm_sum", "gram")
         stats = LayerStats(
-            layer=self.layer,
-            num_tokens=self.num_tokens,
-            spec=self.spec,
-            freq=self.freq,
-            soft_mass=self.soft_mass,
-            gate_mass=self.gate_mass,
-            out_norm_sum=self.out_norm_sum,
-            gated_out_norm_sum=self.gated_out_norm_sum,
-            gram=self.gram,
-            token_logits=logits,
-            token_gram=grams,
-            token_out_sq=out_sq,
-            token_resid_sq=resid_sq,
-        )
+            layer=self.layer, num_tokens=self.num_tokens, spec=self.spec, token_logits=logits, token_gram=grams,
+            token_out_sq=out_sq, token_resid_sq=resid_sq, **{name: getattr(self, name) for name in sums},
+        )  # fmt: skip
         for name in ("freq", "soft_mass", "gram", "token_gram"):
             if not torch.isfinite(getattr(stats, name)).all():
                 raise NonFiniteActivationError(

@@ -58,19 +58,23 @@ class Magnitude(WeightCriterion):
         return weight.detach().to(torch.float64).abs()
 
 
+class _ActivationWeighted(WeightCriterion):
+    """|W_rc| * sqrt(statistic[expert, c]): a magnitude weighted by how much input column c carries."""
+
+    needs_calibration = True
+    statistic: ClassVar[str]
+
+    def score(self, weight: torch.Tensor, stats: InputStats | None, expert: int) -> torch.Tensor:
+        return Magnitude().score(weight, None, expert) * getattr(stats, self.statistic)[expert].sqrt().unsqueeze(0)
+
+
 @CRITERIA.register
-class MoEPruner(WeightCriterion):
+class MoEPruner(_ActivationWeighted):
     name = "moe_pruner"
-    needs_calibration = True
-
-    def score(self, weight: torch.Tensor, stats: InputStats | None, expert: int) -> torch.Tensor:
-        return Magnitude().score(weight, None, expert) * stats.gated_sq[expert].sqrt().unsqueeze(0)
+    statistic = "gated_sq"  # sum over routed tokens of (router gate * input)^2
 
 
 @CRITERIA.register
-class Wanda(WeightCriterion):
+class Wanda(_ActivationWeighted):
     name = "wanda"
-    needs_calibration = True
-
-    def score(self, weight: torch.Tensor, stats: InputStats | None, expert: int) -> torch.Tensor:
-        return Magnitude().score(weight, None, expert) * stats.plain_sq[expert].sqrt().unsqueeze(0)
+    statistic = "plain_sq"  # sum over routed tokens of input^2 (no gate)

@@ -23,14 +23,14 @@ the report lists it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
 from grape.calibration.runner import run_layerwise
 from grape.errors import InputError
-from grape.pipeline import CommonOptions, Pipeline, run_pipeline
+from grape.pipeline import CommonOptions, Pipeline, run_pipeline, stage_labels
 from grape.report import previous_report
 from grape.sparsity.collect import (
     InputStats,
@@ -142,10 +142,7 @@ class SparsifyPipeline(Pipeline):
     """
 
     step = "sparsify"
-    timing_labels: ClassVar = {
-        "open": "setup", "validate": "setup", "calibrate": "calibration_and_scoring",
-        "plan": "calibration_and_scoring", "write": "save", "report": "save",
-    }  # fmt: skip
+    timing_labels = stage_labels(calibrate="calibration_and_scoring", plan="calibration_and_scoring", write="save")
     options: SparsifyOptions
 
     def validate(self) -> None:
