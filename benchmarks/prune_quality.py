@@ -43,6 +43,20 @@ DEFAULT_METHODS = [
 ]
 
 
+def _method_spec(name: str) -> tuple[str, bool, dict]:
+    """``method[+merge][:key=value,...]`` -> (method, merge, options); values parsed as JSON if they can be."""
+    head, _, opts = name.partition(":")
+    method, _, variant = head.partition("+")
+    options = {}
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return method, variant == "merge", options
+
+
 def _evaluate(model_dir: Path, tokenizer, eval_files: list[str], seq_len: int, max_tokens: int | None) -> dict[str, float]:
     model = load_pruned(model_dir, dtype=torch.float32).eval()
     return {
@@ -67,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     for name in args.methods:
-        if name.split("+")[0] not in available_methods():
+        if _method_spec(name)[0] not in available_methods():
             raise SystemExit(f"unknown method {name}")
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -77,14 +91,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for ratio in args.ratios:
             for name in args.methods:
-                method, _, variant = name.partition("+")
+                method, merge, options = _method_spec(name)
                 out = Path(tmp) / f"{name}-{ratio}"
                 started = time.perf_counter()
                 prune(
                     args.model,
                     PruneOptions(
                         method=method,
-                        merge=variant == "merge",
+                        merge=merge,
+                        method_options=options,
                         out=str(out),
                         calib=args.calib,
                         experts_ratio=ratio,

@@ -11,6 +11,7 @@ from grape.methods import (  # noqa: F401  (imported to register the methods)
     frequency,
     global_soft_activation,
     grape,
+    grape_paper,
     naee,
     random,
     reap,
