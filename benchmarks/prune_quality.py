@@ -25,10 +25,11 @@ import torch
 from transformers import AutoTokenizer
 
 from grape.checkpoint import load_pruned
-from grape.evaluation import perplexity
+from grape.evaluation import evaluate_tasks, perplexity
 from grape.methods import available_methods
 from grape.prune import PruneOptions, prune
 from grape.report import format_table
+from grape.tasks import text_task_name
 
 DEFAULT_METHODS = [
     "random",
@@ -57,12 +58,23 @@ def _method_spec(name: str) -> tuple[str, bool, dict]:
     return method, variant == "merge", options
 
 
-def _evaluate(model_dir: Path, tokenizer, eval_files: list[str], seq_len: int, max_tokens: int | None) -> dict[str, float]:
+def _evaluate(
+    model_dir: Path, tokenizer, eval_files: list[str], seq_len: int, max_tokens: int | None, accuracy: bool = False
+) -> dict[str, float]:
+    """Perplexity on each file and, with ``accuracy``, lm-eval accuracy (acc_norm) of grape's
+    next-line task built from the same held-out file (``grape_next_line_<stem>``)."""
     model = load_pruned(model_dir, dtype=torch.float32).eval()
-    return {
+    row = {
         Path(f).stem: perplexity(model, tokenizer, f, seq_len=seq_len, max_tokens=max_tokens)["perplexity"]
         for f in eval_files
     }
+    if accuracy:
+        names = {text_task_name(f): Path(f).stem for f in eval_files}
+        tasks = evaluate_tasks(model, tokenizer, list(names), batch_size=8, task_texts=eval_files)["results"]
+        for name, stem in names.items():
+            row[f"acc {stem}"] = round(tasks[name]["acc_norm,none"], 4)
+            row[f"acc± {stem}"] = round(tasks[name]["acc_norm_stderr,none"], 4)
+    return row
 
 
 def main() -> None:
@@ -77,6 +89,7 @@ def main() -> None:
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--max-eval-tokens", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accuracy", action="store_true", help="also lm-eval accuracy of the next-line task of each --eval file")
     parser.add_argument("--out", default="benchmarks/results/prune_quality")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -86,7 +99,7 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     rows = []
-    base = _evaluate(Path(args.model), tokenizer, args.eval, args.eval_seq_len, args.max_eval_tokens)
+    base = _evaluate(Path(args.model), tokenizer, args.eval, args.eval_seq_len, args.max_eval_tokens, args.accuracy)
     rows.append({"budget": "0%", "method": "original", **base})
     with tempfile.TemporaryDirectory() as tmp:
         for ratio in args.ratios:
@@ -109,7 +122,7 @@ def main() -> None:
                     ),
                 )
                 report = json.loads((out / "grape_report.json").read_text())
-                ppl = _evaluate(out, tokenizer, args.eval, args.eval_seq_len, args.max_eval_tokens)
+                ppl = _evaluate(out, tokenizer, args.eval, args.eval_seq_len, args.max_eval_tokens, args.accuracy)
                 rows.append(
                     {
                         "budget": f"{ratio:.0%}",
@@ -120,7 +133,9 @@ def main() -> None:
                     }
                 )
                 print(format_table(rows[-1:], list(rows[-1])), flush=True)
-    columns = ["budget", "method", *[Path(f).stem for f in args.eval], "experts/layer", "prune s"]
+    stems = [Path(f).stem for f in args.eval]
+    accuracy = [f"acc {s}" for s in stems] if args.accuracy else []
+    columns = ["budget", "method", *stems, *accuracy, "experts/layer", "prune s"]
     table = format_table(rows, columns)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
