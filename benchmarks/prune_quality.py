@@ -59,10 +59,11 @@ def _method_spec(name: str) -> tuple[str, bool, dict]:
 
 
 def _evaluate(
-    model_dir: Path, tokenizer, eval_files: list[str], seq_len: int, max_tokens: int | None, accuracy: bool = False
+    model_dir: Path, tokenizer, eval_files: list[str], seq_len: int, max_tokens: int | None, accuracy: int | None = None
 ) -> dict[str, float]:
-    """Perplexity on each file and, with ``accuracy``, lm-eval accuracy (acc_norm) of grape's
-    next-line task built from the same held-out file (``grape_next_line_<stem>``)."""
+    """Perplexity on each file and, with ``accuracy`` (a number of items), lm-eval accuracy
+    (acc_norm) of grape's next-line task built from the same held-out file
+    (``grape_next_line_<stem>``), on that many of its items (a random subset)."""
     model = load_pruned(model_dir, dtype=torch.float32).eval()
     row = {
         Path(f).stem: perplexity(model, tokenizer, f, seq_len=seq_len, max_tokens=max_tokens)["perplexity"]
@@ -70,7 +71,9 @@ def _evaluate(
     }
     if accuracy:
         names = {text_task_name(f): Path(f).stem for f in eval_files}
-        tasks = evaluate_tasks(model, tokenizer, list(names), batch_size=8, task_texts=eval_files)["results"]
+        tasks = evaluate_tasks(
+            model, tokenizer, list(names), batch_size=16, limit=accuracy, task_texts=eval_files
+        )["results"]
         for name, stem in names.items():
             row[f"acc {stem}"] = round(tasks[name]["acc_norm,none"], 4)
             row[f"acc± {stem}"] = round(tasks[name]["acc_norm_stderr,none"], 4)
@@ -89,7 +92,8 @@ def main() -> None:
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--max-eval-tokens", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--accuracy", action="store_true", help="also lm-eval accuracy of the next-line task of each --eval file")
+    parser.add_argument("--accuracy", type=int, default=None, metavar="ITEMS",
+                        help="also lm-eval accuracy of the next-line task of each --eval file, on ITEMS items")
     parser.add_argument("--out", default="benchmarks/results/prune_quality")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))

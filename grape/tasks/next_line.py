@@ -79,7 +79,8 @@ def next_line_items(documents: Sequence[str], spec: NextLineSpec | None = None, 
         if sum(1 for c in context if c) >= 2 and stripped[i] not in context:
             targets.append(i)
     rng = random.Random(seed)
-    chosen = sorted(rng.sample(targets, min(spec.num_items, len(targets))))
+    # In draw order, not text order: lm-eval's ``limit`` then takes a uniform random subset.
+    chosen = rng.sample(targets, min(spec.num_items, len(targets)))
     items = []
     for i in chosen:
         doc, number, raw = lines[i]
