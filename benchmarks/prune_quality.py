@@ -41,6 +41,13 @@ DEFAULT_METHODS = [
 ]
 
 
+def _cells(result: dict) -> dict:
+    """A result's table cells: perplexity per evaluation set, and accuracy where measured."""
+    cells = dict(result["perplexity"])
+    cells.update({f"acc {name}": round(acc, 4) for name, acc in result.get("accuracy", {}).items()})
+    return cells
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model")
@@ -53,6 +60,8 @@ def main() -> None:
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--max-eval-tokens", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accuracy", type=int, default=None, metavar="ITEMS",
+                        help="also lm-eval accuracy of the next-line task of each --eval file, on ITEMS items")
     parser.add_argument("--out", default="benchmarks/results/prune_quality")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -64,25 +73,29 @@ def main() -> None:
     model = Path(args.model)
     tokenizer = load_tokenizer(model)
     eval_sets = {Path(f).stem: Path(f) for f in args.eval}
-    base = measure(model, tokenizer, eval_sets, seq_len=args.eval_seq_len, max_tokens=args.max_eval_tokens)
-    rows = [{"budget": "0%", "method": "original", **base["perplexity"]}]
+    base = measure(
+        model, tokenizer, eval_sets, seq_len=args.eval_seq_len, max_tokens=args.max_eval_tokens,
+        accuracy_items=args.accuracy,
+    )  # fmt: skip
+    rows = [{"budget": "0%", "method": "original", **_cells(base)}]
     with tempfile.TemporaryDirectory() as tmp:
         results = prune_and_measure(
             model, variants, args.ratios, out_dir=Path(tmp), calib=Path(args.calib), calib_samples=args.calib_samples,
             seq_len=args.seq_len, tokenizer=tokenizer, eval_sets=eval_sets, eval_seq_len=args.eval_seq_len,
-            max_tokens=args.max_eval_tokens, seed=args.seed,
+            max_tokens=args.max_eval_tokens, seed=args.seed, accuracy_items=args.accuracy,
         )  # fmt: skip
     for (label, ratio), result in results.items():
         rows.append(
             {
                 "budget": f"{ratio:.0%}",
                 "method": label,
-                **result["perplexity"],
+                **_cells(result),
                 "experts/layer": " ".join(str(c) for c in result["experts_per_layer"] if c is not None),
                 "prune s": result["prune_seconds"],
             }
         )
-    columns = ["budget", "method", *eval_sets, "experts/layer", "prune s"]
+    accuracy = [f"acc {name}" for name in eval_sets] if args.accuracy else []
+    columns = ["budget", "method", *eval_sets, *accuracy, "experts/layer", "prune s"]
     table = format_table(rows, columns)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -110,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=_positive_int, default=512)
     e.add_argument("--batch-size", type=_positive_int, default=4)
     e.add_argument("--max-tokens", type=_positive_int, default=None)
-    e.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks")
+    e.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (grape ships grape_stdlib_next_line)")
+    e.add_argument("--task-text", action="append", default=[], metavar="FILE",
+                   help="build grape's next-line task grape_next_line_<stem> from this held-out text (repeatable)")
+    e.add_argument("--tasks-path", action="append", default=[], metavar="DIR",
+                   help="folder of local lm-eval task YAML files (repeatable)")
+    e.add_argument("--limit", type=float, default=None, help="lm-eval: at most this many items per task (or a fraction)")
     e.add_argument("--experts-implementation", default=None, help="e.g. grape, eager, grouped_mm")
     e.add_argument("--dtype", default=None)
     e.add_argument("--json", dest="json_out", default=None, help="write results here")
@@ -220,7 +225,10 @@ def _cmd_eval(args) -> None:
     if len(args.ppl) == 1:
         results.update({k: results["ppl"][args.ppl[0]][k] for k in ("perplexity", "tokens")})
     if args.tasks:
-        results["tasks"] = evaluate_tasks(model, tokenizer, args.tasks.split(","), batch_size=args.batch_size)
+        results["tasks"] = evaluate_tasks(
+            model, tokenizer, args.tasks.split(","), batch_size=args.batch_size, limit=args.limit,
+            task_paths=args.tasks_path, task_texts=args.task_text,
+        )  # fmt: skip
         print(json.dumps(results["tasks"], indent=2, default=str))
     if args.json_out:
         from grape.report import write_json_atomic

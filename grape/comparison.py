@@ -20,7 +20,7 @@ import torch
 
 from grape.budget import Budget
 from grape.checkpoint import load_pruned
-from grape.evaluation import perplexity
+from grape.evaluation import evaluate_tasks, perplexity
 from grape.info import model_info
 from grape.prune import PruneOptions, prune
 
@@ -55,12 +55,27 @@ class Variant:
         return f"{self.method}{'+merge' if self.merge else ''}{suffix}"
 
 
-def measure(path: Path, tokenizer, eval_sets: Mapping[str, Path], *, seq_len: int, max_tokens: int | None) -> dict[str, Any]:
-    """Size (from the checkpoint's headers) and held-out perplexity (float32) of one model."""
+def measure(
+    path: Path,
+    tokenizer,
+    eval_sets: Mapping[str, Path],
+    *,
+    seq_len: int,
+    max_tokens: int | None,
+    accuracy_items: int | None = None,
+) -> dict[str, Any]:
+    """Size (from the checkpoint's headers) and held-out perplexity (float32) of one model.
+
+    With ``accuracy_items``, also lm-eval accuracy (``acc_norm`` and its standard error) of
+    grape's next-line task built from each evaluation file (``grape.tasks``), on that many of
+    its items.
+    """
     info = model_info(path)
     model = load_pruned(path, dtype=torch.float32).eval()
     ppl = {name: perplexity(model, tokenizer, source, seq_len=seq_len, max_tokens=max_tokens) for name, source in eval_sets.items()}
+    accuracy = _next_line_accuracy(model, tokenizer, eval_sets, accuracy_items) if accuracy_items else {}
     return {
+        **accuracy,
         "path": str(path),
         "experts": info["total_experts"],
         "experts_per_layer": [layer["experts"] for layer in info["layers"]],
@@ -68,6 +83,19 @@ def measure(path: Path, tokenizer, eval_sets: Mapping[str, Path], *, seq_len: in
         "file_bytes": info["file_bytes"],
         "perplexity": {name: r["perplexity"] for name, r in ppl.items()},
         "eval_tokens": {name: r["tokens"] for name, r in ppl.items()},
+    }
+
+
+def _next_line_accuracy(model, tokenizer, eval_sets: Mapping[str, Path], items: int) -> dict[str, Any]:
+    from grape.tasks import text_task_name
+
+    names = {text_task_name(source): name for name, source in eval_sets.items()}
+    results = evaluate_tasks(
+        model, tokenizer, list(names), batch_size=16, limit=items, task_texts=[str(s) for s in eval_sets.values()]
+    )["results"]
+    return {
+        "accuracy": {name: results[task]["acc_norm,none"] for task, name in names.items()},
+        "accuracy_stderr": {name: results[task]["acc_norm_stderr,none"] for task, name in names.items()},
     }
 
 
@@ -91,6 +119,7 @@ def prune_and_measure(
     eval_seq_len: int,
     max_tokens: int | None,
     seed: int = 0,
+    accuracy_items: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[tuple[str, float], dict[str, Any]]:
     """Every variant at every budget ratio, pruned into ``out_dir/<label>-<percent>`` (replacing
@@ -110,6 +139,8 @@ def prune_and_measure(
                 )
             )  # fmt: skip
             seconds = time.perf_counter() - started
-            results[variant.label, ratio] = measure(out, tokenizer, eval_sets, seq_len=eval_seq_len, max_tokens=max_tokens)
+            results[variant.label, ratio] = measure(
+                out, tokenizer, eval_sets, seq_len=eval_seq_len, max_tokens=max_tokens, accuracy_items=accuracy_items
+            )
             results[variant.label, ratio]["prune_seconds"] = round(seconds, 1)
     return results

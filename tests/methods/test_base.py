@@ -84,7 +84,7 @@ def test_merge_targets_are_the_most_similar_kept_expert(name, make_layer, make_l
 def test_registry_lists_all_methods_and_rejects_unknown_names_and_options():
     assert available_methods() == sorted(
         ["random", "frequency", "soft_activation", "ean", "reap", "naee",
-         "global_soft_activation", "grape"]
+         "global_soft_activation", "grape", "grape_paper"]
     )
     assert not get_method("frequency").is_global and get_method("grape").is_global
     with pytest.raises(ValueError, match="available: ean, frequency"):
