@@ -278,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"grape {args.command}: interrupted; no output was written", file=sys.stderr)
             return 130
         except Exception as exc:
+            if _Terminated.requested:  # a library turned our _Terminated into its own error
+                print(f"grape {args.command}: terminated; no output was written", file=sys.stderr)
+                return 143
             if debug:
                 raise
             print(f"grape {args.command}: error: {_one_line(exc)}", file=sys.stderr)
@@ -300,12 +303,20 @@ def _one_line(exc: Exception) -> str:
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that every cleanup path (temporary output, lock) runs."""
+    """SIGTERM, raised like Ctrl-C so that every cleanup path (temporary output, lock) runs.
+
+    ``requested`` records the signal itself: raised inside torch's C++ (a tensor being built
+    from a buffer), the exception can come back as an unrelated ``TypeError``, and the exit
+    status must still say "terminated", not "error".
+    """
+
+    requested = False
 
 
 @contextlib.contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
     def terminate(_signum, _frame):
+        _Terminated.requested = True
         raise _Terminated
 
     previous = signal.signal(signal.SIGTERM, terminate)
