@@ -42,6 +42,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _memory_size(text: str) -> int:
+    from grape.memory import parse_memory_size
+
+    try:
+        return parse_memory_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (never inside or around an input)")
     parser.add_argument("--overwrite", action="store_true", help="replace an empty directory or a previous grape output")
@@ -54,6 +63,8 @@ def _add_calibration_flags(parser: argparse.ArgumentParser, *, required: bool = 
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="torch device for calibration (default cpu)")
     parser.add_argument("--dtype", default=None, help="working dtype (float32, bfloat16, float16; default: the checkpoint's)")
+    parser.add_argument("--max-memory", type=_memory_size, default=None, metavar="SIZE",
+                        help="memory this run may use, e.g. 20GB (default: 90%% of the available memory)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +152,7 @@ def _common(args) -> dict:
     return {
         "model": args.model, "out": args.out, "overwrite": args.overwrite, "device": args.device,
         "dtype": args.dtype, "seed": args.seed, "calib": args.calib, "seq_len": args.seq_len,
+        "max_memory": getattr(args, "max_memory", None),  # distill has no --max-memory
     }  # fmt: skip
 
 
