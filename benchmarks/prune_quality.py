@@ -1,8 +1,9 @@
 """Held-out perplexity of every expert-pruning method at the same budgets, on one model.
 
-Runs the real pipeline (``grape.prune.prune``: calibration is cached, so every method after the
-first costs only planning, surgery and evaluation), loads each pruned checkpoint back from
-disk and measures perplexity on each evaluation file. Writes a markdown table and a JSON file.
+Runs :func:`grape.comparison.prune_and_measure` (the real ``grape prune`` pipeline; calibration
+is cached, so every method after the first costs only planning, surgery and evaluation), the
+loop ``grape demo`` uses too, and writes a markdown table and a JSON file. A method is
+``name[+merge][:key=value,...]`` (e.g. ``grape:entropy_floor=0.8``).
 
 Example (the table in the README)::
 
@@ -18,16 +19,13 @@ import argparse
 import json
 import resource
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
-from grape.checkpoint import load_pruned
-from grape.evaluation import perplexity
+from grape.comparison import Variant, measure, prune_and_measure
 from grape.methods import available_methods
-from grape.prune import PruneOptions, prune
+from grape.model_io import load_tokenizer
 from grape.report import format_table
 
 DEFAULT_METHODS = [
@@ -43,12 +41,11 @@ DEFAULT_METHODS = [
 ]
 
 
-def _evaluate(model_dir: Path, tokenizer, eval_files: list[str], seq_len: int, max_tokens: int | None) -> dict[str, float]:
-    model = load_pruned(model_dir, dtype=torch.float32).eval()
-    return {
-        Path(f).stem: perplexity(model, tokenizer, f, seq_len=seq_len, max_tokens=max_tokens)["perplexity"]
-        for f in eval_files
-    }
+def _cells(result: dict) -> dict:
+    """A result's table cells: perplexity per evaluation set, and accuracy where measured."""
+    cells = dict(result["perplexity"])
+    cells.update({f"acc {name}": round(acc, 4) for name, acc in result.get("accuracy", {}).items()})
+    return cells
 
 
 def main() -> None:
@@ -63,49 +60,42 @@ def main() -> None:
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--max-eval-tokens", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accuracy", type=int, default=None, metavar="ITEMS",
+                        help="also lm-eval accuracy of the next-line task of each --eval file, on ITEMS items")
     parser.add_argument("--out", default="benchmarks/results/prune_quality")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    for name in args.methods:
-        if name.split("+")[0] not in available_methods():
-            raise SystemExit(f"unknown method {name}")
+    variants = [Variant.parse(name) for name in args.methods]
+    for variant in variants:
+        if variant.method not in available_methods():
+            raise SystemExit(f"unknown method {variant.method}")
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    rows = []
-    base = _evaluate(Path(args.model), tokenizer, args.eval, args.eval_seq_len, args.max_eval_tokens)
-    rows.append({"budget": "0%", "method": "original", **base})
+    model = Path(args.model)
+    tokenizer = load_tokenizer(model)
+    eval_sets = {Path(f).stem: Path(f) for f in args.eval}
+    base = measure(
+        model, tokenizer, eval_sets, seq_len=args.eval_seq_len, max_tokens=args.max_eval_tokens,
+        accuracy_items=args.accuracy,
+    )  # fmt: skip
+    rows = [{"budget": "0%", "method": "original", **_cells(base)}]
     with tempfile.TemporaryDirectory() as tmp:
-        for ratio in args.ratios:
-            for name in args.methods:
-                method, _, variant = name.partition("+")
-                out = Path(tmp) / f"{name}-{ratio}"
-                started = time.perf_counter()
-                prune(
-                    args.model,
-                    PruneOptions(
-                        method=method,
-                        merge=variant == "merge",
-                        out=str(out),
-                        calib=args.calib,
-                        experts_ratio=ratio,
-                        calib_samples=args.calib_samples,
-                        seq_len=args.seq_len,
-                        seed=args.seed,
-                    ),
-                )
-                report = json.loads((out / "grape_report.json").read_text())
-                ppl = _evaluate(out, tokenizer, args.eval, args.eval_seq_len, args.max_eval_tokens)
-                rows.append(
-                    {
-                        "budget": f"{ratio:.0%}",
-                        "method": name,
-                        **ppl,
-                        "experts/layer": " ".join(str(c) for c in report["experts_per_layer"] if c is not None),
-                        "prune s": round(time.perf_counter() - started, 1),
-                    }
-                )
-                print(format_table(rows[-1:], list(rows[-1])), flush=True)
-    columns = ["budget", "method", *[Path(f).stem for f in args.eval], "experts/layer", "prune s"]
+        results = prune_and_measure(
+            model, variants, args.ratios, out_dir=Path(tmp), calib=Path(args.calib), calib_samples=args.calib_samples,
+            seq_len=args.seq_len, tokenizer=tokenizer, eval_sets=eval_sets, eval_seq_len=args.eval_seq_len,
+            max_tokens=args.max_eval_tokens, seed=args.seed, accuracy_items=args.accuracy,
+        )  # fmt: skip
+    for (label, ratio), result in results.items():
+        rows.append(
+            {
+                "budget": f"{ratio:.0%}",
+                "method": label,
+                **_cells(result),
+                "experts/layer": " ".join(str(c) for c in result["experts_per_layer"] if c is not None),
+                "prune s": result["prune_seconds"],
+            }
+        )
+    accuracy = [f"acc {name}" for name in eval_sets] if args.accuracy else []
+    columns = ["budget", "method", *eval_sets, *accuracy, "experts/layer", "prune s"]
     table = format_table(rows, columns)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

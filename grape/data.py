@@ -3,8 +3,8 @@
 Calibration and perplexity both need the same thing: a list of documents turned into one long
 token stream with the EOS token between documents (so no window silently glues the end of one
 file onto the start of another without the separator the model saw in training). This module
-owns that stream, the seeded choice of calibration windows, and the fingerprint that keys the
-statistics cache, so that calibration and evaluation can never tokenise text differently.
+owns that stream and the seeded choice of calibration windows, so that calibration and
+evaluation can never tokenise text differently.
 
 Every bad input (missing path, empty files, malformed JSON lines, too little text) raises
 :class:`CalibrationDataError` *before* any model work starts, naming what is wrong and where.
@@ -12,7 +12,6 @@ Every bad input (missing path, empty files, malformed JSON lines, too little tex
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -21,18 +20,19 @@ from pathlib import Path
 
 import torch
 
+from grape.errors import InputError
+
 __all__ = [
     "CalibrationDataError",
     "load_texts",
     "tokenize_documents",
     "build_calibration_ids",
-    "calibration_fingerprint",
 ]
 
 _LOCAL_SUFFIXES = (".txt", ".jsonl")
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(InputError):
     """Calibration or evaluation text is missing, empty, malformed or too short."""
 
 
@@ -98,21 +98,24 @@ def _non_empty(texts: list[str], message: str) -> list[str]:
 
 def _read_jsonl(path: Path) -> list[str]:
     texts: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CalibrationDataError(
-                    f"{path}, line {number}: not valid JSON ({exc.msg})"
-                ) from exc
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise CalibrationDataError(
-                    f"{path}, line {number}: expected a JSON object with a string 'text' field"
-                )
-            texts.append(record["text"])
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: JSON may hold U+2028
+    except UnicodeDecodeError as exc:
+        raise CalibrationDataError(f"{path} is not valid UTF-8 text: {exc}") from exc
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CalibrationDataError(
+                f"{path}, line {number}: not valid JSON ({exc.msg})"
+            ) from exc
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise CalibrationDataError(
+                f"{path}, line {number}: expected a JSON object with a string 'text' field"
+            )
+        texts.append(record["text"])
     return _non_empty(texts, f"{path} has no non-empty 'text' values")
 
 
@@ -223,26 +226,3 @@ def build_calibration_ids(
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(windows.shape[0], generator=generator)[:num_samples]
     return windows[chosen].clone()
-
-
-def calibration_fingerprint(
-    texts: Sequence[str], num_samples: int, seq_len: int, seed: int, tokenizer_name: str
-) -> str:
-    """SHA-256 hex digest identifying a calibration set, for the statistics cache key.
-
-    Every document is length-prefixed before hashing so that re-splitting the same characters
-    into different documents (which changes where EOS tokens go) changes the fingerprint.
-    """
-    digest = hashlib.sha256()
-    header = {
-        "num_samples": num_samples,
-        "seq_len": seq_len,
-        "seed": seed,
-        "tokenizer": tokenizer_name,
-    }
-    digest.update(json.dumps(header, sort_keys=True).encode("utf-8"))
-    for text in texts:
-        data = text.encode("utf-8")
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.hexdigest()

@@ -1,4 +1,4 @@
-"""Expert-wise knowledge distillation of a pruned/sparsified MoE student from its dense teacher.
+"""``grape distill``: expert-wise knowledge distillation of a pruned/sparsified MoE student.
 
 loss = CE(student next-token logits) + lambda * sum over MoE layers l and student experts i of
 MSE(teacher expert orig(l, i) (x), student expert i (x)) over the tokens x the *student's*
@@ -19,437 +19,184 @@ Choices, and why:
   start. Gradients are masked and the mask is re-applied after every optimizer step, so pruned
   weights stay exactly zero (AdamW's weight decay is 0 for the same reason).
 - Training runs in float32; the output keeps the student's dtype (zeros stay exact zeros).
-- Batches are a deterministic function of (seed, step) and the RNG is re-seeded every step, so
-  a run resumed from a checkpoint continues exactly as the uninterrupted run would have.
 
-Checkpoints (trainable tensors, optimizer state, step, loss history) are written every
-``checkpoint_every`` steps and after the last one into ``.<out>.distill-ckpt`` beside the output
-directory, each file atomically; the final model is written like every grape checkpoint (temp
-sibling, rename) and the checkpoint directory is removed once it is in place.
+The stages (:mod:`grape.pipeline`): open student and teacher -> validate (numbers, the two
+architectures, the expert mapping, the training text cut into windows, resumable state) ->
+calibrate = train (:mod:`grape.distill_training`; resumable state in ``.<out>.distill-ckpt``
+beside the output, every ``checkpoint_every`` steps) -> write the student with its trained
+experts -> report. The state directory is removed once the output is in place.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import hashlib
-import json
 import math
 import os
 import shutil
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
-import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from grape.checkpoint import check_output_dir, expert_counts, load_pruned, write_checkpoint
+from grape.checkpoint import expert_counts
+from grape.distill_training import TrainingSettings, train_experts
+from grape.errors import InputError, OutputExistsError
 from grape.model_io import LazyCausalLM
-from grape.report import write_json_atomic
-from grape_kernels.experts_module import expert_forward
-from grape_kernels.ragged_modeling import select_experts
+from grape.pipeline import CommonOptions, Pipeline, run_pipeline, stage_labels
+from grape.report import previous_report
+from grape.training_state import STATE_FILE
 
-__all__ = ["DistillJob", "prepare_distill", "distill", "distill_cli"]
-
-_MASKED = ("gate_up_proj", "down_proj")
-_STATE_FILE = "state.pt"
+__all__ = ["DistillOptions", "DistillPipeline", "distill"]
 
 
-def _checkpoint_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.distill-ckpt"
+@dataclass(frozen=True, kw_only=True)
+class DistillOptions(CommonOptions):
+    """``grape distill``'s own options; ``model`` is the student, ``calib`` the training text.
+
+    The text is cut into every non-overlapping ``seq_len`` window, at most ``steps *
+    batch_size`` of them (so no window is seen twice before all were seen once).
+    """
+
+    teacher: str
+    steps: int = 100
+    lr: float = 1e-4
+    lam: float = 1.0
+    checkpoint_every: int = 50
+    resume: bool = False
+    batch_size: int = 4
+    seq_len: int = 256
+    not_recorded: ClassVar[tuple[str, ...]] = (*CommonOptions.not_recorded, "resume")
 
 
-def _data_digest(data_ids: torch.Tensor) -> str:
-    return hashlib.sha256(data_ids.contiguous().numpy().tobytes()).hexdigest()
-
-
-def _kept_experts(student_dir: Path, counts: list[int | None]) -> tuple[dict[int, list[int]], dict | None]:
+def _kept_experts(student_dir: Path, counts: list[int | None]) -> dict[int, list[int]]:
     """Per MoE layer, the teacher index of every student expert (identity without a report)."""
-    path = student_dir / "grape_report.json"
-    report = json.loads(path.read_text()) if path.is_file() else None
-    recorded = (report or {}).get("kept_experts") or {}
+    recorded = (previous_report(student_dir) or {}).get("kept_experts") or {}
     kept = {}
     for layer, count in enumerate(counts):
         if count is None:
             continue
         indices = [int(i) for i in recorded.get(str(layer), range(count))]
         if len(indices) != count:
-            raise ValueError(
-                f"{path}: kept_experts of layer {layer} lists {len(indices)} experts but the student has {count}"
+            raise InputError(
+                f"{student_dir}: kept_experts of layer {layer} lists {len(indices)} experts but the student has {count}"
             )
         kept[layer] = indices
-    return kept, report
+    return kept
 
 
-@dataclass
-class DistillJob:
-    """A validated distillation run (see :func:`prepare_distill`); :meth:`run` trains and saves."""
+class DistillPipeline(Pipeline):
+    """Distillation through the shared stages (see the module docs)."""
 
-    student: LazyCausalLM
-    teacher: LazyCausalLM
-    kept: dict[int, list[int]]
-    student_report: dict | None
-    out: Path
-    steps: int
-    lr: float
-    lam: float
-    batch_size: int
-    checkpoint_every: int
-    seed: int
-    resume: bool
-    overwrite: bool
-    started: float = field(default_factory=time.perf_counter)
+    step = "distill"
+    timing_labels = stage_labels(calibrate="training", plan="training", write="save")
+    options: DistillOptions
+
+    def open(self) -> None:
+        o = self.options
+        for name, value in (("steps", o.steps), ("checkpoint_every", o.checkpoint_every), ("batch_size", o.batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if not (math.isfinite(o.lr) and o.lr > 0):
+            raise InputError(f"lr must be a positive number, got {o.lr}")
+        if not (math.isfinite(o.lam) and o.lam >= 0):
+            raise InputError(f"lambda must be a non-negative number, got {o.lam}")
+        super().open()
+        self.teacher = LazyCausalLM.open(o.teacher)
 
     @property
-    def checkpoint_dir(self) -> Path:
-        return _checkpoint_dir(self.out)
+    def state_dir(self) -> Path:
+        """Where resumable training state lives: beside the output, named after it."""
+        out = Path(os.path.realpath(self.options.out))
+        return out.parent / f".{out.name}.distill-ckpt"
 
-    def _fingerprint(self, data_ids: torch.Tensor) -> dict:
-        """What must match for a checkpoint to be resumed (``steps`` may grow, so it is not here)."""
-        return {
-            "student": str(self.student.model_dir.resolve()),
-            "teacher": str(self.teacher.model_dir.resolve()),
-            "lr": self.lr,
-            "lambda": self.lam,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "data": _data_digest(data_ids),
-        }
-
-    def _batch(self, data_ids: torch.Tensor, step: int) -> torch.Tensor:
-        """The batch of ``step``: epochs are seeded permutations of the rows, last partial batch dropped."""
-        per_epoch = max(1, data_ids.shape[0] // self.batch_size)
-        epoch, position = divmod(step, per_epoch)
-        order = torch.randperm(data_ids.shape[0], generator=torch.Generator().manual_seed(self.seed + epoch))
-        return data_ids[order[position * self.batch_size : (position + 1) * self.batch_size]]
-
-    def _teacher_experts(self, model: nn.Module) -> dict[int, nn.Module]:
-        """Per MoE layer, a frozen experts module holding the teacher's kept experts in student order."""
-        adapter = self.teacher.adapter
-        teachers = {}
-        for layer_index, indices in self.kept.items():
-            student_experts = adapter.moe_block(adapter.decoder_layers(model)[layer_index]).experts
-            source = adapter.moe_block(adapter.decoder_layers(self.teacher.model)[layer_index]).experts
-            prefix = f"{self.teacher.layer_prefix(layer_index)}.{adapter.block_attr}.experts"
-            self.teacher.materialize(source, prefix)
-            try:
-                experts = copy.deepcopy(source)
-            finally:
-                self.teacher.release(source)
-            select_experts((experts,), torch.tensor(indices), len(indices))
-            for name, param in experts.named_parameters():
-                if param.shape != getattr(student_experts, name).shape:
-                    raise ValueError(
-                        f"layer {layer_index} {name}: teacher experts {tuple(param.shape)} do not match "
-                        f"the student's {tuple(getattr(student_experts, name).shape)}"
-                    )
-                param.requires_grad_(False)
-            teachers[layer_index] = experts.float().eval()
-        return teachers
-
-    def run(self, data_ids: torch.Tensor, data_info: dict | None = None) -> dict:
-        """Train, checkpoint, write the distilled student; returns the report."""
-        if data_ids.dim() != 2 or data_ids.shape[1] < 2 or data_ids.shape[0] == 0:
-            raise ValueError(f"distillation data must be a non-empty (samples, seq_len >= 2) id tensor, got {tuple(data_ids.shape)}")
-        vocab = int(self.student.config.vocab_size)
-        if int(data_ids.min()) < 0 or int(data_ids.max()) >= vocab:
-            raise ValueError(f"distillation token ids must lie in [0, {vocab}) (the student's vocabulary)")
-        fingerprint = self._fingerprint(data_ids)
-        state = self._load_checkpoint(fingerprint)
-
-        model = load_pruned(self.student.model_dir, dtype=torch.float32)
-        blocks = {i: self.student.adapter.moe_block(self.student.adapter.decoder_layers(model)[i]) for i in self.kept}
-        trainable, masks = _trainable_experts(model, blocks)
-        optimizer = torch.optim.AdamW(trainable.values(), lr=self.lr, weight_decay=0.0)
-        history: list[dict] = []
-        start = 0
-        if state is not None:
-            with torch.no_grad():
-                for key, value in state["trainable"].items():
-                    trainable[key].copy_(value)
-            optimizer.load_state_dict(state["optimizer"])
-            history, start = state["history"], int(state["step"])
-        teachers = self._teacher_experts(model)
-        kd_terms: list[torch.Tensor] = []
-        handles = [
-            blocks[i].experts.register_forward_hook(_expert_mse_hook(teachers[i], kd_terms)) for i in blocks
-        ]
-        model.train()
-        t_train = time.perf_counter()
-        progress = tqdm(total=self.steps, initial=start, desc="distill", unit="step")
-        try:
-            for step in range(start, self.steps):
-                torch.manual_seed(self.seed + step)
-                batch = self._batch(data_ids, step)
-                kd_terms.clear()
-                logits = model(input_ids=batch, use_cache=False).logits
-                ce = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
-                kd = torch.stack(kd_terms).sum() if kd_terms else ce.new_zeros(())
-                loss = ce + self.lam * kd
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"distillation loss became {loss.item()} at step {step + 1}; lower --lr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    for key, keep in masks.items():
-                        trainable[key].masked_fill_(~keep, 0)
-                history.append({"step": step + 1, "ce": ce.item(), "kd": kd.item(), "loss": loss.item()})
-                progress.update(1)
-                progress.set_postfix(ce=f"{ce.item():.3f}", kd=f"{kd.item():.4g}")
-                if (step + 1) % self.checkpoint_every == 0 or step + 1 == self.steps:
-                    self._save_checkpoint(step + 1, trainable, optimizer, history, fingerprint)
-        finally:
-            progress.close()
-            for handle in handles:
-                handle.remove()
-        t_write = time.perf_counter()
-        zeros = {
-            "masked": sum(int((~keep).sum()) for keep in masks.values()),
-            "after": sum(int((trainable[key] == 0).sum()) for key in masks),
-        }
-        return self._write(history, start, zeros, data_ids, data_info, t_train, t_write, model)
-
-    # ---- checkpoints -----------------------------------------------------------------------
-    def _load_checkpoint(self, fingerprint: dict) -> dict | None:
-        path = self.checkpoint_dir / _STATE_FILE
-        if not self.resume:
-            return None
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        differing = [k for k, v in fingerprint.items() if state["fingerprint"].get(k) != v]
-        if differing:
-            raise ValueError(
-                f"cannot resume from {path}: it was made with different {', '.join(differing)}; "
-                "rerun with the original settings or delete the checkpoint"
+    def validate(self) -> None:
+        o, student, teacher = self.options, self.lazy, self.teacher
+        for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+            s, t = getattr(student.config, key, None), getattr(teacher.config, key, None)
+            if s != t:
+                raise InputError(f"student and teacher differ in {key} ({s!r} vs {t!r}): not the same architecture")
+        self.kept = _kept_experts(student.model_dir, expert_counts(student.model, student))
+        if not self.kept:
+            raise InputError(f"{student.model_dir} has no layer with routed experts: nothing to distill")
+        teacher_counts = expert_counts(teacher.model, teacher)
+        for layer, indices in self.kept.items():
+            available = teacher_counts[layer]
+            if available is None or any(not 0 <= i < available for i in indices):
+                raise InputError(f"layer {layer}: student experts map to teacher experts {indices}, the teacher has {available}")
+        state = self.state_dir / STATE_FILE
+        if o.resume and not state.is_file():
+            raise FileNotFoundError(f"--resume: no distillation checkpoint at {self.state_dir}")
+        if not o.resume and self.state_dir.exists() and not o.overwrite:
+            raise OutputExistsError(
+                f"an interrupted distillation left a checkpoint at {self.state_dir}; pass --resume to continue it "
+                "or --overwrite to start over"
             )
-        if int(state["step"]) > self.steps:
-            raise ValueError(f"the checkpoint in {self.checkpoint_dir} is at step {state['step']}, beyond --steps {self.steps}")
-        return state
+        self.ids = self.load_calibration(required_by="grape distill")
+        if self.ids.shape[1] < 2:
+            raise InputError(f"distillation windows need at least 2 tokens, got seq_len {self.ids.shape[1]}")
+        vocab = int(student.config.vocab_size)
+        if int(self.ids.min()) < 0 or int(self.ids.max()) >= vocab:
+            raise InputError(f"distillation token ids must lie in [0, {vocab}) (the student's vocabulary)")
 
-    def _save_checkpoint(self, step: int, trainable: dict, optimizer, history: list[dict], fingerprint: dict) -> None:
-        """Write the training state atomically (temp file, then rename) into the checkpoint dir."""
-        directory = self.checkpoint_dir
-        directory.mkdir(exist_ok=True)
-        state = {
-            "step": step,
-            "trainable": {k: v.detach().clone() for k, v in trainable.items()},
-            "optimizer": optimizer.state_dict(),
-            "history": history,
-            "fingerprint": fingerprint,
-        }
-        tmp = directory / f".{_STATE_FILE}.{os.getpid()}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, directory / _STATE_FILE)
+    def calibration_samples(self, windows: int) -> int:
+        return max(1, min(windows, self.options.steps * self.options.batch_size))
 
-    # ---- output ----------------------------------------------------------------------------
-    def _write(
-        self, history: list[dict], start: int, zeros: dict, data_ids: torch.Tensor,
-        data_info: dict | None, t_train: float, t_write: float, model: nn.Module,
-    ) -> dict:
-        adapter = self.student.adapter
-        trained_layers = adapter.decoder_layers(model)
+    def inputs(self) -> dict:
+        return {"student model": self.lazy.model_dir, "teacher": self.teacher.model_dir, "training data": self.options.calib}
 
-        def transform(index: int, layer: nn.Module) -> None:
-            if index in self.kept:
-                trained = adapter.moe_block(trained_layers[index]).experts
-                adapter.moe_block(layer).experts.load_state_dict(trained.state_dict())
+    def calibrate(self) -> None:
+        o = self.options
+        if not o.resume:
+            shutil.rmtree(self.state_dir, ignore_errors=True)  # --overwrite: start over (under the claim)
+        fingerprint = {
+            "student": str(self.lazy.model_dir.resolve()),
+            "teacher": str(self.teacher.model_dir.resolve()),
+            "lr": o.lr,
+            "lambda": o.lam,
+            "batch_size": o.batch_size,
+            "seed": o.seed,
+            "data": hashlib.sha256(self.ids.contiguous().numpy().tobytes()).hexdigest(),
+        }  # what must match for a checkpoint to be resumed (steps may grow, so it is not here)
+        settings = TrainingSettings(o.steps, float(o.lr), float(o.lam), o.batch_size, o.checkpoint_every, o.seed)
+        self.trained = train_experts(
+            self.lazy, self.teacher, self.kept, self.ids, settings,
+            state_path=self.state_dir / STATE_FILE, fingerprint=fingerprint, resume=o.resume,
+        )  # fmt: skip
 
-        previous = dict(self.student_report or {})
-        report = {
-            "grape_version": __import__("grape").__version__,
-            "step": "distill",
-            "source_model": str(self.student.model_dir),
+    def transform_layer(self, index: int, layer: nn.Module) -> None:
+        if index in self.kept:
+            adapter = self.lazy.adapter
+            trained = adapter.moe_block(adapter.decoder_layers(self.trained.model)[index]).experts
+            adapter.moe_block(layer).experts.load_state_dict(trained.state_dict())
+
+    @property
+    def plot_title(self) -> str:
+        return "distilled student: routed experts per layer"
+
+    def report_sections(self) -> dict[str, Any]:
+        o, history = self.options, self.trained.history
+        return {
             "teacher": str(self.teacher.model_dir),
             "kept_experts": {str(k): v for k, v in self.kept.items()},
             "trained": "routed experts only (masks fixed); everything else frozen",
             "loss": "CE + lambda * sum over layers and experts of MSE(teacher expert, student expert) on student-routed tokens",
-            "steps": self.steps,
-            "lr": self.lr,
-            "lambda": self.lam,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "data": {**(data_info or {}), "samples": int(data_ids.shape[0]), "seq_len": int(data_ids.shape[1])},
-            "resumed_from_step": start or None,
+            "steps": o.steps,
+            "lr": o.lr,
+            "lambda": o.lam,
+            "batch_size": o.batch_size,
+            "data": self.calibration_summary(),
+            "resumed_from_step": self.trained.resumed_from_step or None,
             "history": history,
             "first": history[0] if history else None,
             "last": history[-1] if history else None,
-            "expert_weight_zeros": zeros,
+            "expert_weight_zeros": self.trained.zeros,
         }
-        if self.student_report is not None:
-            report["previous_steps"] = previous.pop("previous_steps", []) + [previous]
-        write_checkpoint(
-            self.student, self.out, transform_layer=transform, report=report, overwrite=self.overwrite,
-            plot_title="distilled student: routed experts per layer",
-        )
-        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-        path = self.out / "grape_report.json"
-        report = json.loads(path.read_text())
-        now = time.perf_counter()
-        report["timings_s"] = {
-            "setup": round(t_train - self.started, 3),
-            "training": round(t_write - t_train, 3),
-            "save": round(now - t_write, 3),
-            "total": round(now - self.started, 3),
-        }
-        write_json_atomic(report, path)
-        return report
+
+    def finished(self) -> None:
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
-def _trainable_experts(
-    model: nn.Module, blocks: dict[int, nn.Module]
-) -> tuple[dict[str, nn.Parameter], dict[str, torch.Tensor]]:
-    """Freeze everything but the routed experts; the masks of their weight matrices.
-
-    Returns the trainable parameters keyed ``"<layer>.<name>"`` and, for gate_up_proj and
-    down_proj, the keep-masks (their non-zeros now). A gradient hook zeroes the gradient of
-    every pruned weight, so the optimizer never sees a reason to move it.
-    """
-    for param in model.parameters():
-        param.requires_grad_(False)
-    trainable: dict[str, nn.Parameter] = {}
-    masks: dict[str, torch.Tensor] = {}
-    for layer_index, block in blocks.items():
-        for name, param in block.experts.named_parameters():
-            key = f"{layer_index}.{name}"
-            param.requires_grad_(True)
-            trainable[key] = param
-            if name in _MASKED:
-                masks[key] = param.detach() != 0
-                param.register_hook(lambda grad, keep=masks[key]: grad * keep)
-    return trainable, masks
-
-
-def _expert_mse_hook(teacher: nn.Module, terms: list[torch.Tensor]):
-    """Forward hook for a student experts module: appends, per expert with routed tokens, the
-    MSE between the teacher's same-index expert and the student's on the (detached) routed
-    inputs, using the ids the student's router chose."""
-
-    def hook(experts: nn.Module, args: tuple, _output) -> None:
-        hidden, ids = args[0].detach(), args[1]
-        for expert in range(int(experts.gate_up_proj.shape[0])):
-            token_idx = torch.where(ids == expert)[0]
-            if token_idx.numel() == 0:
-                continue
-            x = hidden[token_idx]
-            with torch.no_grad():
-                target = expert_forward(teacher, expert, x)
-            terms.append(nn.functional.mse_loss(expert_forward(experts, expert, x), target))
-
-    return hook
-
-
-def prepare_distill(
-    student_dir: str | Path,
-    teacher_dir: str | Path,
-    *,
-    steps: int,
-    lr: float,
-    lam: float,
-    out_dir: str | Path,
-    resume: bool = False,
-    checkpoint_every: int = 50,
-    batch_size: int = 4,
-    seed: int = 0,
-    overwrite: bool = False,
-) -> DistillJob:
-    """Every check that reads no weights: options, both models, the expert mapping, the output.
-
-    Raises:
-        ValueError (and subclasses): bad numbers, a non-MoE model, student and teacher of
-            different architectures, a kept-expert mapping that does not fit, an existing output,
-            ``--resume`` without a checkpoint, or a leftover checkpoint without ``--resume``.
-    """
-    for name, value in (("steps", steps), ("checkpoint_every", checkpoint_every), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr}")
-    if not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lambda must be a non-negative number, got {lam}")
-    student = LazyCausalLM.open(student_dir)
-    teacher = LazyCausalLM.open(teacher_dir)
-    out = check_output_dir(out_dir, overwrite=overwrite, source=student.model_dir)
-    if out == teacher.model_dir.resolve():
-        raise ValueError(f"output directory {out} is the teacher model: grape never modifies its input")
-    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
-        s, t = getattr(student.config, key, None), getattr(teacher.config, key, None)
-        if s != t:
-            raise ValueError(f"student and teacher differ in {key} ({s!r} vs {t!r}): not the same architecture")
-    student_counts = expert_counts(student.model, student)
-    teacher_counts = expert_counts(teacher.model, teacher)
-    kept, report = _kept_experts(student.model_dir, student_counts)
-    if not kept:
-        raise ValueError(f"{student.model_dir} has no layer with routed experts: nothing to distill")
-    for layer, indices in kept.items():
-        available = teacher_counts[layer]
-        if available is None or any(not 0 <= i < available for i in indices):
-            raise ValueError(f"layer {layer}: student experts map to teacher experts {indices}, the teacher has {available}")
-    checkpoint = _checkpoint_dir(out)
-    if resume and not (checkpoint / _STATE_FILE).is_file():
-        raise FileNotFoundError(f"--resume: no distillation checkpoint at {checkpoint}")
-    if not resume and checkpoint.exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"an interrupted distillation left a checkpoint at {checkpoint}; pass --resume to continue it "
-                "or --overwrite to start over"
-            )
-        shutil.rmtree(checkpoint)
-    return DistillJob(
-        student, teacher, kept, report, out, steps, float(lr), float(lam), batch_size, checkpoint_every, seed,
-        resume, overwrite,
-    )
-
-
-def distill(
-    student_dir: str | Path,
-    teacher_dir: str | Path,
-    data_ids: torch.Tensor,
-    *,
-    steps: int,
-    lr: float,
-    lam: float,
-    out_dir: str | Path,
-    resume: bool = False,
-    checkpoint_every: int = 50,
-    batch_size: int = 4,
-    seed: int = 0,
-    overwrite: bool = False,
-    data_info: dict | None = None,
-) -> dict:
-    """Distill ``student_dir`` from ``teacher_dir`` on ``data_ids`` (N, L) into ``out_dir``; the report."""
-    job = prepare_distill(
-        student_dir, teacher_dir, steps=steps, lr=lr, lam=lam, out_dir=out_dir, resume=resume,
-        checkpoint_every=checkpoint_every, batch_size=batch_size, seed=seed, overwrite=overwrite,
-    )
-    return job.run(data_ids, data_info)
-
-
-def distill_cli(args: argparse.Namespace) -> None:
-    """``grape distill``: validate, cut the text into training windows, train, print a summary.
-
-    The text is cut into every non-overlapping ``--seq-len`` window (at most ``steps *
-    batch_size`` of them, so no window is seen twice before all were seen once).
-    """
-    from transformers import AutoTokenizer
-
-    from grape.data import build_calibration_ids, load_texts, tokenize_documents
-
-    job = prepare_distill(
-        args.student, args.teacher, steps=args.steps, lr=args.lr, lam=args.lam, out_dir=args.out,
-        resume=args.resume, checkpoint_every=args.checkpoint_every, batch_size=args.batch_size,
-        seed=args.seed, overwrite=args.overwrite,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(job.student.model_dir)
-    texts = load_texts(args.data)
-    windows = tokenize_documents(tokenizer, texts).numel() // args.seq_len
-    samples = max(1, min(windows, args.steps * args.batch_size))
-    ids = build_calibration_ids(tokenizer, texts, num_samples=samples, seq_len=args.seq_len, seed=args.seed)
-    report = job.run(ids, {"source": str(args.data)})
-    first, last = report["first"], report["last"]
-    print(f"wrote {job.out}")
-    print(
-        f"steps {report['resumed_from_step'] or 0} -> {report['steps']}: CE {first['ce']:.4f} -> {last['ce']:.4f}, "
-        f"expert MSE {first['kd']:.4g} -> {last['kd']:.4g}; time {report['timings_s']['total']:.1f}s"
-    )
+def distill(options: DistillOptions) -> dict[str, Any]:
+    """Distill ``options.model`` (the student) from ``options.teacher`` into ``options.out``."""
+    return run_pipeline(DistillPipeline(options))

@@ -14,6 +14,7 @@ import importlib
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -139,11 +140,20 @@ def evaluate_tasks(
     *,
     batch_size: int,
     limit: int | float | None = None,
+    task_paths: Sequence[str | os.PathLike[str]] = (),
+    task_texts: Sequence[str | os.PathLike[str]] = (),
 ) -> dict:
     """Run lm-eval tasks on the in-memory model (no save/reload round trip).
 
     The model is wrapped in lm-eval's ``HFLM(pretrained=model, tokenizer=tokenizer)``, so a
-    pruned model with ragged expert counts is evaluated exactly as it sits in memory.
+    pruned model with ragged expert counts is evaluated exactly as it sits in memory, by
+    lm-eval's own ``simple_evaluate``.
+
+    Task names resolve, in this order, to grape's local tasks (:mod:`grape.tasks`:
+    ``grape_stdlib_next_line``, and ``grape_next_line_<stem>`` for each file in
+    ``task_texts``), to YAML task folders in ``task_paths``, and to lm-eval's bundled tasks
+    (which download their data, so they need the Hub). lm-eval's bundled index (thousands of
+    YAML files) is only scanned when a name is not found locally.
 
     Returns:
         ``{"results": per-task metrics, "versions": task versions, "n-shot": shots per task}``
@@ -151,7 +161,8 @@ def evaluate_tasks(
         in a report; per-sample logs are not kept).
 
     Raises:
-        ValueError: empty or non-string task list, or a bad batch size / limit.
+        ValueError: empty or non-string task list, a bad batch size / limit, a task folder that
+            does not exist, or a task name found nowhere (the message lists the local ones).
         EvalDependencyError: lm-eval is not installed.
     """
     if not isinstance(tasks, (list, tuple)) or not tasks or not all(
@@ -164,19 +175,37 @@ def evaluate_tasks(
         isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0
     ):
         raise ValueError(f"limit must be None or positive, got {limit!r}")
+    for folder in task_paths:
+        if not Path(folder).is_dir():
+            raise ValueError(f"task folder {str(folder)!r} does not exist")
     try:
         lm_eval = importlib.import_module("lm_eval")
         huggingface = importlib.import_module("lm_eval.models.huggingface")
+        manager_module = importlib.import_module("lm_eval.tasks")
     except ImportError as exc:
         raise EvalDependencyError(
             "task evaluation needs lm-eval, which is not installed; install it with "
             "`pip install grape-moe[eval]` (or `pip install 'lm-eval[hf]'`)"
         ) from exc
 
-    lm = huggingface.HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=list(tasks), batch_size=batch_size, limit=limit, log_samples=False
-    )
+    from grape.tasks import STDLIB_TASK, local_task_dir
+
+    with local_task_dir(tasks, task_texts) as (folder, local_names):
+        include = [str(folder), *(str(p) for p in task_paths)]
+        manager = manager_module.TaskManager(include_path=include, include_defaults=False)
+        missing = set(tasks) - set(manager.all_tasks)
+        # grape_* names are grape's own: one not built here is a typo, not a bundled task.
+        if missing and not any(t.startswith("grape_") for t in missing):
+            manager = manager_module.TaskManager(include_path=include)
+        unknown = sorted(set(tasks) - set(manager.all_tasks))
+        if unknown:
+            local = ", ".join(sorted({STDLIB_TASK, *local_names}))
+            raise ValueError(f"unknown task(s) {unknown}; grape's local tasks here: {local}")
+        lm = huggingface.HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=list(tasks), batch_size=batch_size, limit=limit, log_samples=False,
+            task_manager=manager,
+        )
     return {
         "results": results["results"],
         "versions": results.get("versions", {}),

@@ -5,40 +5,93 @@ builds the transformers model skeleton without allocating weights, and materiali
 decoder layer at a time straight from the safetensors shards, so peak memory follows the
 largest layer plus the calibration activations.
 
-transformers 5 stores experts as fused 3-D tensors but ``save_pretrained`` writes (and the Hub
-serves) many MoE checkpoints with one tensor per expert (``experts.3.w1.weight`` or
-``experts.3.gate_proj.weight``, Mixtral under ``block_sparse_moe``). :class:`CheckpointIndex`
-resolves a module parameter name to the checkpoint tensors it comes from, stacking per-expert
-tensors when needed. Both layouts are tested.
+Which file holds which tensor, and how a module parameter maps to checkpoint tensors (fused or
+one per expert), is :class:`grape.checkpoint_files.CheckpointIndex`'s job; this module builds
+and fills the model. Both layouts are tested.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
+from grape.checkpoint_files import CheckpointError, CheckpointIndex, load_config
+from grape.errors import InputError
 from grape_kernels.architectures import MoEAdapter, get_adapter
 
-__all__ = ["CheckpointError", "CheckpointIndex", "LazyCausalLM", "resolve_model_path"]
+__all__ = ["LazyCausalLM", "resolve_model_path", "parse_dtype", "parse_device", "load_tokenizer", "check_positions"]
 
 
-class CheckpointError(ValueError):
-    """A model directory is missing, incomplete, or holds corrupt safetensors."""
+_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.tiktoken")
 
 
-_PER_EXPERT_SOURCES = {
-    # fused target -> per-expert tensor names, concatenated along dim 0 of each expert
-    "gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")),
-    "down_proj": (("w2",), ("down_proj",)),
-}
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """``"bf16"``/``"bfloat16"``/``"float32"``... -> torch dtype; None keeps the checkpoint's."""
+    if name is None or name == "auto":
+        return None
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    dtype = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
+    return dtype
+
+
+def parse_device(name: str | torch.device) -> torch.device:
+    """A torch device that exists on this machine, or an InputError saying what to use instead.
+
+    ``torch.device("cuda")`` succeeds on a CPU-only build and fails only when the first tensor
+    moves, so availability is checked here, before any work.
+    """
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"unknown device {str(name)!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "meta":
+        raise InputError("--device meta holds no data; use cpu, cuda, cuda:N or mps")
+    backend = getattr(torch, device.type, None) if device.type != "mps" else torch.backends.mps
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise InputError(
+            f"--device {device}: no {device.type} device is available to this torch build "
+            f"({torch.__version__}); use --device cpu"
+        )
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise InputError(f"--device {device}: only {count} {device.type} device(s) are visible")
+    return device
+
+
+def check_positions(config, seq_len: int, flag: str = "--seq-len") -> None:
+    """Refuse a window longer than the model's positions before anything is run on it."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise InputError(f"{flag} {seq_len} exceeds the model's max_position_embeddings ({limit}); use at most {limit}")
+
+
+def load_tokenizer(model_dir: Path):
+    """The model's tokenizer, or a CheckpointError naming the missing files.
+
+    Without vocabulary files transformers tries to convert a "slow" tokenizer and reports a
+    missing sentencepiece/tiktoken package, which sends the user after the wrong problem.
+    """
+    from transformers import AutoTokenizer
+
+    if not any((model_dir / name).is_file() for name in _VOCABULARY_FILES):
+        raise CheckpointError(
+            f"no tokenizer files in {model_dir} (none of {', '.join(_VOCABULARY_FILES)}); "
+            "copy them from the original model"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        raise CheckpointError(f"cannot load the tokenizer in {model_dir}: {exc}") from exc
 
 
 def resolve_model_path(name_or_path: str) -> Path:
@@ -65,116 +118,6 @@ def resolve_model_path(name_or_path: str) -> Path:
         ) from exc
 
 
-class CheckpointIndex:
-    """Which safetensors file holds which tensor, with header validation up front."""
-
-    def __init__(self, model_dir: Path):
-        self.model_dir = model_dir
-        index_file = model_dir / "model.safetensors.index.json"
-        if index_file.is_file():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in model_dir.glob("*.safetensors"))
-            weight_map = {}
-        if not files:
-            raise CheckpointError(f"no .safetensors weights in {model_dir}")
-        self._handles = {}
-        self.key_to_file: dict[str, str] = {}
-        for name in files:
-            handle = self._open(model_dir / name)
-            self._handles[name] = handle
-            for key in handle.keys():
-                self.key_to_file[key] = name
-        missing = [k for k, f in weight_map.items() if k not in self.key_to_file]
-        if missing:
-            raise CheckpointError(f"{len(missing)} tensors listed in the index are missing, e.g. {missing[0]}")
-
-    @staticmethod
-    def _open(path: Path):
-        if not path.is_file():
-            raise CheckpointError(f"weights file {path} is missing")
-        try:
-            handle = safe_open(str(path), framework="pt")
-            size = path.stat().st_size
-            for key in handle.keys():
-                # get_slice reads only the header; a truncated file has offsets past its end
-                handle.get_slice(key)
-            _check_offsets(path, size)
-        except CheckpointError:
-            raise
-        except Exception as exc:
-            raise CheckpointError(f"corrupt or truncated safetensors file {path}: {exc}") from exc
-        return handle
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.key_to_file
-
-    def keys(self) -> list[str]:
-        return list(self.key_to_file)
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._handles[self.key_to_file[key]].get_tensor(key)
-
-    def shape(self, key: str) -> list[int]:
-        return list(self._handles[self.key_to_file[key]].get_slice(key).get_shape())
-
-    def sources_for(self, param_name: str) -> list[str] | None:
-        """Checkpoint keys that make up module parameter ``param_name`` (None when absent)."""
-        for candidate in _name_variants(param_name):
-            if candidate in self:
-                return [candidate]
-        for candidate in _name_variants(param_name):
-            head, _, leaf = candidate.rpartition(".experts.")
-            for parts in _PER_EXPERT_SOURCES.get(leaf, ()):
-                keys = self._per_expert_keys(f"{head}.experts", parts)
-                if keys:
-                    return keys
-        return None
-
-    def _per_expert_keys(self, prefix: str, parts: tuple[str, ...]) -> list[str]:
-        keys = []
-        index = 0
-        while all(f"{prefix}.{index}.{p}.weight" in self for p in parts):
-            keys.extend(f"{prefix}.{index}.{p}.weight" for p in parts)
-            index += 1
-        return keys
-
-    def load(self, param_name: str) -> torch.Tensor | None:
-        """The tensor for module parameter ``param_name``, stacking per-expert tensors if needed."""
-        keys = self.sources_for(param_name)
-        if keys is None:
-            return None
-        if len(keys) == 1 and not re.search(r"\.experts\.\d+\.", keys[0]):
-            return self.get(keys[0])
-        leaf = param_name.rpartition(".experts.")[2]
-        parts_per_expert = 2 if leaf == "gate_up_proj" else 1
-        tensors = [self.get(k) for k in keys]
-        experts = [
-            torch.cat(tensors[i : i + parts_per_expert], dim=0)
-            for i in range(0, len(tensors), parts_per_expert)
-        ]
-        return torch.stack(experts)
-
-
-def _check_offsets(path: Path, size: int) -> None:
-    """Raise if the header promises more bytes than the file holds (a truncated download)."""
-    with open(path, "rb") as fh:
-        header_len = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end > size:
-        raise CheckpointError(f"truncated safetensors file {path}: {size} bytes, header needs {8 + header_len + end}")
-
-
-def _name_variants(name: str) -> list[str]:
-    """Names a parameter may have in a checkpoint (Mixtral's legacy ``block_sparse_moe``)."""
-    variants = [name]
-    if ".mlp." in name:
-        variants.append(name.replace(".mlp.", ".block_sparse_moe.", 1))
-    return variants
-
-
 class LazyCausalLM:
     """A ``*ForCausalLM`` whose weights live on disk until a module is materialised."""
 
@@ -198,17 +141,20 @@ class LazyCausalLM:
         self.checkpoint_dtype = checkpoint_dtype or dtype
 
     @classmethod
-    def open(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str = "cpu") -> LazyCausalLM:
+    def open(
+        cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> LazyCausalLM:
         """Validate the checkpoint and build the skeleton; no weight is read yet.
 
         Raises :class:`~grape_kernels.architectures.UnsupportedModelError` for non-MoE models and
         :class:`CheckpointError` for missing/corrupt weights, both before any heavy work.
         """
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
+        device = parse_device(device)
         model_dir = resolve_model_path(str(name_or_path))
-        config = AutoConfig.from_pretrained(model_dir)
+        config = load_config(model_dir)
         get_adapter(config)
         index = CheckpointIndex(model_dir)
         checkpoint_dtype = _config_dtype(config)

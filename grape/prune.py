@@ -1,64 +1,52 @@
-"""``grape prune``: the expert-pruning pipeline, from a model directory to a ragged checkpoint.
+"""``grape prune``: remove or merge whole experts, from a model directory to a ragged checkpoint.
 
-load lazily -> validate everything cheap (model, budget, data, output) -> calibrate layer by
-layer (cached) -> per-expert statistics -> method plan (uniform or global budget) -> surgery
-while streaming the checkpoint to disk -> report.
+The stages (:mod:`grape.pipeline`): validate the method, the budget against every layer's
+limits and the calibration text -> calibrate every MoE layer's statistics (cached) -> plan
+with the method (uniform or global budget; ``--sequential`` re-chooses layer by layer) -> the
+surgery happens while each layer is streamed to the output -> report.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any
 
-import torch
+from torch import nn
 
-from grape.budget import LayerLimits, global_removals_total, uniform_removals
+from grape.budget import Budget, LayerLimits
+from grape.calibration.cache import default_cache_dir
 from grape.calibration.collect import collect_layer_stats, measure_layer
 from grape.calibration.runner import run_layerwise
-from grape.checkpoint import check_output_dir, expert_counts, write_checkpoint
-from grape.data import build_calibration_ids, load_texts
+from grape.checkpoint import estimated_bytes, expert_counts
 from grape.methods import get_method
-from grape.methods.base import PruningPlan
+from grape.methods.base import ExpertPruningMethod, PruningPlan
 from grape.model_io import LazyCausalLM
+from grape.pipeline import CommonOptions, Pipeline, run_pipeline, stage_labels
 from grape.stats import LayerStats
 from grape.surgery import prune_block
 
-__all__ = ["PruneOptions", "prune", "layer_limits", "parse_dtype"]
+__all__ = ["PruneOptions", "PrunePipeline", "prune", "layer_limits"]
 
 
-@dataclass
-class PruneOptions:
-    """Everything ``grape prune`` takes besides the model (mirrors the CLI flags)."""
+@dataclass(frozen=True, kw_only=True)
+class PruneOptions(CommonOptions):
+    """``grape prune``'s own options (besides :class:`~grape.pipeline.CommonOptions`).
+
+    Attributes:
+        method: a registered pruning method (``grape.methods.available_methods()``).
+        budget: how many experts to remove.
+        merge: merge removed experts into their nearest kept neighbour instead of dropping.
+        sequential: re-choose each layer's experts on the already pruned layers' outputs.
+        sample_tokens: tokens per layer on which every expert is evaluated.
+        method_options: the method's own options (e.g. GRAPE's ``entropy_floor``).
+    """
 
     method: str
-    out: str
-    calib: str
-    experts_ratio: float | None = None
-    keep_experts: int | None = None
+    budget: Budget
     merge: bool = False
-    calib_samples: int = 64
-    seq_len: int = 512
     sequential: bool = False
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str | None = None
-    overwrite: bool = False
     sample_tokens: int = 512
-    batch_size: int = 8
-    use_cache: bool = True
-    method_options: dict = field(default_factory=dict)
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """``"bf16"``/``"bfloat16"``/``"float32"``... -> torch dtype; None keeps the checkpoint's."""
-    if name is None or name == "auto":
-        return None
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    dtype = getattr(torch, aliases.get(name, name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
-    return dtype
+    method_options: dict[str, Any] = field(default_factory=dict)
 
 
 def layer_limits(lazy: LazyCausalLM) -> dict[int, LayerLimits]:
@@ -73,165 +61,108 @@ def layer_limits(lazy: LazyCausalLM) -> dict[int, LayerLimits]:
     }
 
 
-def _validate(opts: PruneOptions) -> None:
-    if (opts.experts_ratio is None) == (opts.keep_experts is None):
-        raise ValueError("give exactly one of --experts-ratio and --keep-experts")
-    if opts.experts_ratio is not None and not 0.0 < opts.experts_ratio < 1.0:
-        raise ValueError(f"--experts-ratio must be in (0, 1), got {opts.experts_ratio}")
-    if opts.keep_experts is not None and opts.keep_experts < 1:
-        raise ValueError(f"--keep-experts must be >= 1, got {opts.keep_experts}")
+class PrunePipeline(Pipeline):
+    """Expert pruning through the shared stages (see the module docs)."""
+
+    step = "expert_pruning"
+    timing_labels = stage_labels(calibrate="calibration", plan="planning", write="surgery_and_save")
+    options: PruneOptions
+
+    def validate(self) -> None:
+        o = self.options
+        self.method: ExpertPruningMethod = get_method(o.method)(merge=o.merge, seed=o.seed, **o.method_options)
+        self.limits = layer_limits(self.lazy)
+        self.removals = o.budget.removals(self.limits, is_global=self.method.is_global)
+        self.ids = self.load_calibration(required_by="grape prune")
+
+    def inputs(self) -> dict:
+        return {**super().inputs(), "statistics cache": default_cache_dir()}
+
+    def estimated_bytes(self) -> int:
+        experts = sum(lim.num_experts for lim in self.limits.values())
+        return estimated_bytes(self.lazy, kept_expert_fraction=1 - self.removals / experts)
+
+    def calibrate(self) -> None:
+        o = self.options
+        self.stats: dict[int, LayerStats] = collect_layer_stats(
+            self.lazy, self.ids, sample_tokens=o.sample_tokens, batch_size=o.batch_size, seed=o.seed,
+            cache_dir=default_cache_dir(), use_cache=o.use_cache,
+        )  # fmt: skip
+
+    def plan(self) -> None:
+        self.pruning: PruningPlan = self.method.plan(self.stats, self.limits, self.options.budget)
+        if self.options.sequential:
+            self.pruning = self._sequential_replan()
+
+    def transform_layer(self, index: int, layer: nn.Module) -> None:
+        if index in self.pruning.keep:
+            self._apply(layer, index, self.pruning)
+
+    def _apply(self, layer: nn.Module, index: int, plan: PruningPlan) -> None:
+        """Surgery on one materialised decoder layer according to ``plan``."""
+        limits = self.limits[index]
+        prune_block(
+            self.lazy.adapter.moe_block(layer),
+            self.lazy.adapter,
+            plan.keep[index],
+            merge_into=plan.merge_into.get(index) or None,
+            freq=self.stats[index].freq,
+            min_keep=limits.min_keep,
+            n_group=limits.n_group,
+        )
+
+    @property
+    def plot_title(self) -> str:
+        return f"{self.options.method} ({self.options.budget.describe()})"
+
+    def report_sections(self) -> dict[str, Any]:
+        o, plan = self.options, self.pruning
+        removed = sum(self.limits[i].num_experts - len(k) for i, k in plan.keep.items())
+        return {
+            "method": o.method,
+            "merge": o.merge,
+            "budget": {**o.budget.to_json(), "removed_total": removed},
+            "kept_experts": {str(i): k for i, k in plan.keep.items()},
+            "merged_into": {str(i): {str(a): b for a, b in m.items()} for i, m in plan.merge_into.items() if m},
+            "scores": {str(i): s for i, s in plan.scores.items()},
+            "method_info": plan.info,
+            "calibration": {
+                **self.calibration_summary(),
+                "sample_tokens_per_layer": o.sample_tokens,
+                "sequential": o.sequential,
+            },
+        }
+
+    def _sequential_replan(self) -> PruningPlan:
+        """``--sequential``: keep each layer's expert *count* from the plan, re-choose *which* experts.
+
+        Layer l is re-scored on activations produced by layers < l already pruned, then pruned
+        before its outputs feed layer l+1. A global method's per-layer counts come from the
+        first (unpruned) pass, since a global allocation needs every layer's statistics up front.
+        """
+        o, lazy, first = self.options, self.lazy, self.pruning
+        keep: dict[int, list[int]] = {}
+        merge_into: dict[int, dict[int, int]] = {}
+        scores: dict[int, list[float]] = {}
+
+        def visit(index: int, layer: nn.Module, _hidden, forward) -> None:
+            self.stats[index] = measure_layer(lazy, index, layer, forward, sample_tokens=o.sample_tokens, seed=o.seed)
+            count = len(first.keep[index])
+            local = self.method.plan({index: self.stats[index]}, {index: self.limits[index]}, Budget(keep_experts=count))
+            keep[index], scores[index] = local.keep[index], local.scores[index]
+            merge_into[index] = local.merge_into.get(index, {})
+            self._apply(layer, index, local)
+
+        try:
+            run_layerwise(lazy, self.ids, visit, batch_size=o.batch_size, sequential=True, layers=sorted(first.keep), desc="sequential pruning")
+        finally:
+            # the skeleton was shrunk while pruning in place; rebuild it for the write pass
+            lazy.model = LazyCausalLM.open(lazy.model_dir, dtype=lazy.dtype, device=str(lazy.device)).model
+        info = {**first.info, "sequential": {"counts_from": "first pass", "rescored_layers": sorted(keep)}}
+        return PruningPlan(keep=keep, merge_into=merge_into, scores=scores, info=info)
 
 
-def prune(model: str, opts: PruneOptions) -> Path:
-    """Run the whole pipeline; returns the output directory."""
-    started = time.perf_counter()
-    _validate(opts)
-    method = get_method(opts.method)(merge=opts.merge, seed=opts.seed, **opts.method_options)
-    lazy = LazyCausalLM.open(model, dtype=parse_dtype(opts.dtype), device=opts.device)
-    out = check_output_dir(opts.out, overwrite=opts.overwrite, source=lazy.model_dir)
-    limits = layer_limits(lazy)
-    budget = {"ratio": opts.experts_ratio, "keep_experts": opts.keep_experts}
-    if method.is_global:
-        global_removals_total(limits, **budget)
-    else:
-        uniform_removals(limits, **budget)
+def prune(options: PruneOptions) -> dict[str, Any]:
+    """Prune ``options.model`` into ``options.out``; returns the report written with it."""
+    return run_pipeline(PrunePipeline(options))
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(lazy.model_dir)
-    texts = load_texts(opts.calib)
-    ids = build_calibration_ids(
-        tokenizer, texts, num_samples=opts.calib_samples, seq_len=opts.seq_len, seed=opts.seed
-    )
-    t_calib = time.perf_counter()
-    stats = collect_layer_stats(
-        lazy, ids, sample_tokens=opts.sample_tokens, batch_size=opts.batch_size, seed=opts.seed, use_cache=opts.use_cache
-    )
-    t_plan = time.perf_counter()
-    plan = method.plan(stats, limits, ratio=opts.experts_ratio, keep_experts=opts.keep_experts)
-    if opts.sequential:
-        plan = _sequential_replan(lazy, ids, method, plan, stats, limits, opts)
-    t_write = time.perf_counter()
-    params_before = sum(p.numel() for p in lazy.model.parameters())
-
-    def transform(index: int, layer) -> None:
-        if index in plan.keep:
-            _apply_plan(lazy, layer, index, plan, stats[index], limits[index])
-
-    report = {
-        "grape_version": __import__("grape").__version__,
-        "step": "expert_pruning",
-        "source_model": str(lazy.model_dir),
-        "architecture": lazy.adapter.name,
-        "method": opts.method,
-        "merge": opts.merge,
-        "budget": {**budget, "removed_total": sum(limits[i].num_experts - len(k) for i, k in plan.keep.items())},
-        "seed": opts.seed,
-        "kept_experts": {str(i): k for i, k in plan.keep.items()},
-        "merged_into": {str(i): {str(a): b for a, b in m.items()} for i, m in plan.merge_into.items() if m},
-        "scores": {str(i): s for i, s in plan.scores.items()},
-        "method_info": plan.info,
-        "calibration": {
-            "source": str(opts.calib),
-            "samples": opts.calib_samples,
-            "seq_len": opts.seq_len,
-            "tokens": int(ids.numel()),
-            "sample_tokens_per_layer": opts.sample_tokens,
-            "sequential": opts.sequential,
-        },
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("out",)},
-    }
-    write_checkpoint(
-        lazy,
-        out,
-        transform_layer=transform,
-        report=report | {"parameters_before": params_before},
-        overwrite=opts.overwrite,
-        plot_title=f"{opts.method} ({_budget_label(opts)})",
-    )
-    params_after = sum(p.numel() for p in lazy.model.parameters())
-    _finish_report(out, params_after, started, t_calib, t_plan, t_write)
-    return out
-
-
-def _apply_plan(lazy: LazyCausalLM, layer, index: int, plan: PruningPlan, stats: LayerStats, limits: LayerLimits) -> None:
-    """Surgery on one materialised decoder layer according to ``plan``."""
-    prune_block(
-        lazy.adapter.moe_block(layer),
-        lazy.adapter,
-        plan.keep[index],
-        merge_into=plan.merge_into.get(index) or None,
-        freq=stats.freq,
-        min_keep=limits.min_keep,
-        n_group=limits.n_group,
-    )
-
-
-def _budget_label(opts: PruneOptions) -> str:
-    if opts.experts_ratio is not None:
-        return f"experts ratio {opts.experts_ratio:g}"
-    return f"keep {opts.keep_experts} experts per layer"
-
-
-def _finish_report(out: Path, params_after: int, started: float, t_calib: float, t_plan: float, t_write: float) -> None:
-    """Add what is only known at the end (sizes, timings) to the report, atomically."""
-    import json
-
-    from grape.report import write_json_atomic
-
-    path = out / "grape_report.json"
-    report = json.loads(path.read_text())
-    now = time.perf_counter()
-    report["parameters_after"] = params_after
-    report["bytes_on_disk"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    report["timings_s"] = {
-        "setup": round(t_calib - started, 3),
-        "calibration": round(t_plan - t_calib, 3),
-        "planning": round(t_write - t_plan, 3),
-        "surgery_and_save": round(now - t_write, 3),
-        "total": round(now - started, 3),
-    }
-    write_json_atomic(report, path)
-
-
-def _sequential_replan(
-    lazy: LazyCausalLM,
-    ids: torch.Tensor,
-    method,
-    plan: PruningPlan,
-    stats: dict[int, LayerStats],
-    limits: dict[int, LayerLimits],
-    opts: PruneOptions,
-) -> PruningPlan:
-    """``--sequential``: keep each layer's expert *count* from the plan, re-choose *which* experts.
-
-    Layer l is re-scored on activations produced by layers < l already pruned, then pruned
-    before its outputs feed layer l+1. A global method's per-layer counts come from the first
-    (unpruned) pass, since a global allocation needs every layer's statistics up front.
-    """
-    keep: dict[int, list[int]] = {}
-    merge_into: dict[int, dict[int, int]] = {}
-    scores: dict[int, list[float]] = {}
-
-    def visit(index: int, layer, _hidden, forward) -> None:
-        layer_stats = measure_layer(lazy, index, layer, forward, sample_tokens=opts.sample_tokens, seed=opts.seed)
-        stats[index] = layer_stats
-        count = len(plan.keep[index])
-        local = method.plan({index: layer_stats}, {index: limits[index]}, keep_experts=count)
-        keep[index], scores[index] = local.keep[index], local.scores[index]
-        merge_into[index] = local.merge_into.get(index, {})
-        _apply_plan(lazy, layer, index, local, layer_stats, limits[index])
-
-    try:
-        run_layerwise(lazy, ids, visit, batch_size=opts.batch_size, sequential=True, layers=sorted(plan.keep), desc="sequential pruning")
-    finally:
-        # the skeleton was shrunk while pruning in place; rebuild it for the write pass
-        _restore_skeleton(lazy)
-    info = dict(plan.info)
-    info["sequential"] = {"counts_from": "first pass", "rescored_layers": sorted(keep)}
-    return PruningPlan(keep=keep, merge_into=merge_into, scores=scores, info=info)
-
-
-def _restore_skeleton(lazy: LazyCausalLM) -> None:
-    fresh = LazyCausalLM.open(lazy.model_dir, dtype=lazy.dtype, device=str(lazy.device))
-    lazy.model = fresh.model

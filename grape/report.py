@@ -1,8 +1,7 @@
 """Report artefacts: the per-layer expert-count plot, atomic JSON files, markdown tables.
 
-Every file is written to a temporary sibling and moved into place with ``os.replace``: a
-report or plot is either the old complete file or the new complete file, never a truncated one
-left by an interrupted run (the same rule the checkpoint writer follows).
+Every file is written atomically (:mod:`grape.files`): a report or plot is either the old
+complete file or the new complete file, never a truncated one left by an interrupted run.
 
 The plot uses matplotlib's object API with the Agg canvas directly instead of ``pyplot``, so it
 neither needs a display nor changes the caller's global matplotlib backend.
@@ -12,8 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from numbers import Number
 from pathlib import Path
 from typing import Any
@@ -23,26 +21,26 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_experts_per_layer", "write_json_atomic", "format_table"]
+from grape.errors import InputError
+from grape.files import write_atomic, write_text_atomic
+from grape.output_guard import REPORT_FILE
 
+__all__ = [
+    "VOLATILE_KEYS",
+    "PLOT_FILE",
+    "write_report",
+    "previous_report",
+    "plot_experts_per_layer",
+    "write_json_atomic",
+    "format_table",
+]
 
-def _write_atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
+PLOT_FILE = "experts_per_layer.png"
 
-    The temporary file lives in the destination folder so the final ``os.replace`` is a
-    same-file-system rename (atomic on POSIX and Windows). On any error it is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+VOLATILE_KEYS = ("timings_s", "resumed_from_step")
+"""Report keys that describe how this run went rather than the checkpoint it wrote. Everything
+else in a report, and every other file of a checkpoint, is a deterministic function of the
+inputs and options: a resumed or repeated run writes the same bytes."""
 
 
 def _check_counts(name: str, counts: Sequence[int | None]) -> None:
@@ -104,7 +102,34 @@ def plot_experts_per_layer(
     # Headroom above the tallest bar keeps the legend from covering any layer's bars.
     axes.set_ylim(0, max([*before_moe, *after_moe, 1]) * 1.25)
     axes.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
-    return _write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+
+
+def write_report(directory: Path, report: dict[str, Any], *, plot_title: str) -> dict[str, Any]:
+    """Write a checkpoint's plot and ``grape_report.json`` into ``directory``; returns the report.
+
+    The report is assembled by the caller and written once, last, so it can list every file
+    of the checkpoint (``"files"``): that list is how ``--overwrite`` later recognises the
+    directory as a grape output holding nothing of the user's.
+    """
+    plot_experts_per_layer(report["experts_per_layer_before"], report["experts_per_layer"], directory / PLOT_FILE, plot_title)
+    report = {**report, "files": sorted({p.name for p in directory.iterdir()} | {REPORT_FILE})}
+    write_json_atomic(report, directory / REPORT_FILE)
+    return json.loads(json.dumps(report, default=_json_default))
+
+
+def previous_report(model_dir: Path) -> dict[str, Any] | None:
+    """The input's own grape report (e.g. of ``grape prune``), so an output records every step."""
+    path = model_dir / REPORT_FILE
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"cannot read {path}: {exc}; remove it if it does not belong to this model") from exc
+    if not isinstance(report, dict):
+        raise InputError(f"{path} is not a grape report")
+    return report
 
 
 def _json_default(value: Any) -> Any:
@@ -125,15 +150,7 @@ def write_json_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
     report can hold scores as they come out of a criterion. The content is serialised before
     the file is created, so an unserialisable object leaves no file behind at all.
     """
-    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    return _write_atomic(path, write)
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def _cell(value: Any, floatfmt: str) -> str:

@@ -51,20 +51,56 @@ class LayerStats:
     token_logits: torch.Tensor
     token_gram: torch.Tensor
     token_out_sq: torch.Tensor
-    token_resid_sq: torch.Tensor | None = None
+    token_resid_sq: torch.Tensor
 
     @property
     def num_experts(self) -> int:
         return int(self.freq.numel())
 
-    def to_state(self) -> dict:
-        """A dict of plain values and tensors for ``torch.save``."""
-        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "spec"}
-        state["spec"] = asdict(self.spec)
-        return state
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The statistics as plain data: named float64 tensors plus a JSON-able dict.
+
+        This is what the on-disk cache stores (safetensors + JSON), so reading it back can never
+        run code, whoever wrote the file.
+        """
+        tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
+        spec = asdict(self.spec)
+        bias = spec.pop("correction_bias")
+        if bias is not None:
+            tensors["spec.correction_bias"] = bias.contiguous()
+        return tensors, {"layer": self.layer, "num_tokens": self.num_tokens, "spec": spec}
 
     @classmethod
-    def from_state(cls, state: dict) -> LayerStats:
-        state = dict(state)
-        state["spec"] = RoutingSpec(**state["spec"])
-        return cls(**state)
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], info: dict) -> LayerStats:
+        """The inverse of :meth:`to_tensors`, checking every shape and dtype on the way.
+
+        Raises:
+            ValueError: a missing or unexpected field, or a tensor of the wrong shape or dtype.
+        """
+        tensors = dict(tensors)
+        spec = dict(info["spec"])
+        spec["correction_bias"] = tensors.pop("spec.correction_bias", None)
+        unknown = sorted(set(tensors) - set(_TENSORS))
+        if unknown:
+            raise ValueError(f"unexpected tensors {unknown}")
+        stats = cls(layer=int(info["layer"]), num_tokens=int(info["num_tokens"]), spec=RoutingSpec(**spec), **tensors)
+        stats.check()
+        return stats
+
+    def check(self) -> None:
+        """Raise ValueError unless every tensor is float64 with the shape its docstring says."""
+        experts = self.num_experts
+        samples = int(self.token_logits.shape[0]) if self.token_logits.dim() == 2 else -1
+        expected = {
+            "freq": (experts,), "soft_mass": (experts,), "gate_mass": (experts,), "out_norm_sum": (experts,),
+            "gated_out_norm_sum": (experts,), "gram": (experts, experts), "token_logits": (samples, experts),
+            "token_gram": (samples, experts, experts), "token_out_sq": (samples,), "token_resid_sq": (samples,),
+        }  # fmt: skip
+        for name, shape in expected.items():
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) or value.dtype != torch.float64 or tuple(value.shape) != shape:
+                found = (value.dtype, tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"{name} should be float64 of shape {shape}, found {found}")
+
+
+_TENSORS = tuple(f.name for f in fields(LayerStats) if f.name not in ("layer", "num_tokens", "spec"))

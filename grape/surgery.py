@@ -19,13 +19,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from grape.errors import InputError
 from grape_kernels.architectures import MoEAdapter
 from grape_kernels.ragged_modeling import select_experts
 
 __all__ = ["prune_block", "SurgeryError"]
 
 
-class SurgeryError(ValueError):
+class SurgeryError(InputError):
     """An invalid keep/merge plan for a layer."""
 
 

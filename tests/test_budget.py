@@ -5,14 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grape.budget import (
-    BudgetError,
-    LayerLimits,
-    allocate_greedy,
-    global_removals_total,
-    requested_removals,
-    uniform_removals,
-)
+from grape.budget import Budget, BudgetError, LayerLimits, allocate_greedy
 
 
 def test_uniform_ratio_rounds_per_layer_and_in_whole_groups():
@@ -22,47 +15,50 @@ def test_uniform_ratio_rounds_per_layer_and_in_whole_groups():
         5: LayerLimits(64, 8, n_group=8),
     }
     # 0.3 * 8 = 2.4 -> 2; 0.3 * 60 = 18; 0.3 * 64 = 19.2 -> 2.4 groups -> 2 groups = 16.
-    assert uniform_removals(limits, ratio=0.3) == {0: 2, 3: 18, 5: 16}
+    assert Budget(ratio=0.3).per_layer(limits) == {0: 2, 3: 18, 5: 16}
     # Half-up rounding: 0.25 * 10 = 2.5 -> 3.
-    assert uniform_removals({1: LayerLimits(10, 2)}, ratio=0.25) == {1: 3}
+    assert Budget(ratio=0.25).per_layer({1: LayerLimits(10, 2)}) == {1: 3}
 
 
 def test_uniform_keep_experts():
     limits = {0: LayerLimits(8, 2), 1: LayerLimits(16, 2)}
-    assert uniform_removals(limits, keep_experts=4) == {0: 4, 1: 12}
+    assert Budget(keep_experts=4).per_layer(limits) == {0: 4, 1: 12}
 
 
 def test_uniform_names_the_layer_that_would_keep_too_few():
     limits = {0: LayerLimits(8, 2), 7: LayerLimits(8, 6)}
     with pytest.raises(BudgetError, match=r"layer 7 has 8 experts and must keep at least 6"):
-        uniform_removals(limits, ratio=0.5)
+        Budget(ratio=0.5).per_layer(limits)
     with pytest.raises(BudgetError, match="layer 7"):
-        uniform_removals(limits, keep_experts=4)
+        Budget(keep_experts=4).per_layer(limits)
 
 
-@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
-def test_ratio_outside_open_interval(ratio):
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5, "0.5"])
+def test_ratio_outside_open_interval_is_refused_when_the_budget_is_made(ratio):
     with pytest.raises(BudgetError, match=r"\(0, 1\)"):
-        uniform_removals({0: LayerLimits(8, 2)}, ratio=ratio)
-    with pytest.raises(BudgetError, match=r"\(0, 1\)"):
-        global_removals_total({0: LayerLimits(8, 2)}, ratio=ratio)
+        Budget(ratio=ratio)
+
+
+@pytest.mark.parametrize("keep", [0, -1, True, 2.0])
+def test_keep_experts_must_be_a_positive_integer(keep):
+    with pytest.raises(BudgetError, match="at least 1"):
+        Budget(keep_experts=keep)
 
 
 def test_exactly_one_budget_and_some_layers_required():
-    limits = {0: LayerLimits(8, 2)}
     with pytest.raises(BudgetError, match="exactly one"):
-        uniform_removals(limits)
+        Budget()
     with pytest.raises(BudgetError, match="exactly one"):
-        global_removals_total(limits, ratio=0.5, keep_experts=4)
+        Budget(ratio=0.5, keep_experts=4)
     with pytest.raises(BudgetError, match="no MoE layers"):
-        uniform_removals({}, ratio=0.5)
+        Budget(ratio=0.5).per_layer({})
 
 
 def test_keep_experts_must_fit_every_layer_and_its_groups():
     with pytest.raises(BudgetError, match="exceeds layer 1"):
-        uniform_removals({0: LayerLimits(16, 2), 1: LayerLimits(8, 2)}, keep_experts=12)
+        Budget(keep_experts=12).per_layer({0: LayerLimits(16, 2), 1: LayerLimits(8, 2)})
     with pytest.raises(BudgetError, match="multiple of layer 0's n_group=4"):
-        uniform_removals({0: LayerLimits(16, 4, n_group=4)}, keep_experts=6)
+        Budget(keep_experts=6).per_layer({0: LayerLimits(16, 4, n_group=4)})
 
 
 def test_invalid_limits_are_rejected():
@@ -78,13 +74,25 @@ def test_global_total_equals_uniform_sum_but_is_checked_only_in_total():
     limits = {0: LayerLimits(8, 2), 1: LayerLimits(8, 7), 2: LayerLimits(16, 2)}
     # Layer 1 cannot give the uniform 4, but the others have room for the total.
     with pytest.raises(BudgetError, match="layer 1"):
-        uniform_removals(limits, ratio=0.5)
-    assert global_removals_total(limits, ratio=0.5) == 4 + 4 + 8
-    assert global_removals_total(limits, ratio=0.5) == sum(
-        requested_removals(limits, ratio=0.5).values()
+        Budget(ratio=0.5).per_layer(limits)
+    assert Budget(ratio=0.5).global_total(limits) == 4 + 4 + 8
+    assert Budget(ratio=0.5).global_total(limits) == sum(
+        Budget(ratio=0.5).requested(limits).values()
     )
     with pytest.raises(BudgetError, match="at most 21"):
-        global_removals_total(limits, ratio=0.9)
+        Budget(ratio=0.9).global_total(limits)
+
+
+def test_a_budget_that_removes_nothing_is_refused_by_name():
+    limits = {0: LayerLimits(8, 2), 1: LayerLimits(8, 2)}
+    assert Budget(ratio=0.0625).removals(limits, is_global=False) == 2  # 0.5 rounds up
+    with pytest.raises(BudgetError, match=r"--experts-ratio 0.01 removes no expert .* at least 0.0625"):
+        Budget(ratio=0.01).removals(limits, is_global=True)
+    with pytest.raises(BudgetError, match="--keep-experts 8 keeps every expert"):
+        Budget(keep_experts=8).removals(limits, is_global=False)
+    assert Budget(ratio=0.25).removals(limits, is_global=True) == 4
+    assert Budget(ratio=0.25).describe() == "experts ratio 0.25"
+    assert Budget(keep_experts=6).describe() == "keep 6 experts per layer"
 
 
 class _Costs:

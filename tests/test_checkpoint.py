@@ -5,12 +5,14 @@ import sys
 
 import pytest
 import torch
-from tiny_models import ARCHS, build_tiny_model
+from tiny_models import ARCHS, build_tiny_model, save_checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import grape
-from grape.checkpoint import OutputExistsError, write_checkpoint
+from grape.checkpoint import write_checkpoint
+from grape.errors import OutputExistsError
 from grape.model_io import LazyCausalLM
+from grape.output_guard import claim_output
 from grape.surgery import prune_block
 from grape_kernels.architectures import get_adapter
 
@@ -27,7 +29,7 @@ def _write(src, out, keep=RAGGED, **kwargs):
         if block is not None and index in keep:
             prune_block(block, adapter, keep[index])
 
-    write_checkpoint(lazy, out, transform_layer=transform, report={"method": "test"}, **kwargs)
+    save_checkpoint(lazy, out, transform_layer=transform, report={"method": "test"}, **kwargs)
     return lazy
 
 
@@ -70,16 +72,21 @@ def test_modeling_file_does_not_import_grape(tmp_path):
     assert "import grape" not in text and "from grape" not in text
 
 
-def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path):
+def test_existing_output_is_refused_and_only_a_grape_output_is_replaced(tmp_path):
     src = build_tiny_model("mixtral", tmp_path / "src")
     out = tmp_path / "pruned"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     with pytest.raises(OutputExistsError, match="--overwrite"):
         _write(src, out)
+    with pytest.raises(OutputExistsError, match="not a grape output"):
+        _write(src, out, overwrite=True)  # a folder of the user's: never deleted
     assert (out / "keep.txt").read_text() == "user data"
-    _write(src, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    (out / "keep.txt").unlink()
+    _write(src, out, overwrite=True)  # an empty folder may be replaced
+    first = (out / "model.safetensors").read_bytes()
+    _write(src, out, overwrite=True)  # and so may a previous grape output
+    assert (out / "model.safetensors").read_bytes() == first
     assert not list(tmp_path.glob(".pruned.grape-*"))
 
 
@@ -99,7 +106,7 @@ def test_failure_mid_write_leaves_no_output_and_input_unchanged(tmp_path):
             raise KeyboardInterrupt
 
     lazy = LazyCausalLM.open(src)
-    with pytest.raises(KeyboardInterrupt):
-        write_checkpoint(lazy, out, transform_layer=exploding, report={})
+    with pytest.raises(KeyboardInterrupt), claim_output(out, inputs={}, overwrite=False) as claim:
+        write_checkpoint(lazy, claim.tmp, transform_layer=exploding)
     assert not out.exists() and not list(tmp_path.glob(".pruned.grape-*"))
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before

@@ -1,4 +1,4 @@
-"""Tests of grape.data: loading texts, the token stream, calibration windows, fingerprints."""
+"""Tests of grape.data: loading texts, the token stream, calibration windows."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from transformers import PreTrainedTokenizerFast
 from grape.data import (
     CalibrationDataError,
     build_calibration_ids,
-    calibration_fingerprint,
     load_texts,
     tokenize_documents,
 )
@@ -228,22 +227,6 @@ def test_calibration_too_short_and_bad_arguments(tiny_tokenizer) -> None:
             build_calibration_ids(tiny_tokenizer, SENTENCES, **kwargs)
 
 
-def test_fingerprint_depends_on_every_input() -> None:
-    base = calibration_fingerprint(["ab", "c"], 8, 128, 0, "tok")
-    assert base == calibration_fingerprint(["ab", "c"], 8, 128, 0, "tok")
-    assert len(base) == 64 and int(base, 16) >= 0
-    variants = [
-        calibration_fingerprint(["a", "bc"], 8, 128, 0, "tok"),
-        calibration_fingerprint(["abc"], 8, 128, 0, "tok"),
-        calibration_fingerprint(["ab", "c"], 9, 128, 0, "tok"),
-        calibration_fingerprint(["ab", "c"], 8, 256, 0, "tok"),
-        calibration_fingerprint(["ab", "c"], 8, 128, 1, "tok"),
-        calibration_fingerprint(["ab", "c"], 8, 128, 0, "other-tok"),
-    ]
-    assert len({base, *variants}) == 7
-
-
-@pytest.mark.skipif(not SHARED_MODEL.is_dir(), reason="../shared/models/mixtral-8x-pydoc is absent")
 def test_calibration_from_shared_corpus() -> None:
     from transformers import AutoTokenizer
 

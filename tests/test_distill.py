@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_checkpoint
 
-import grape.distill as distill_module
-from grape.checkpoint import load_pruned, write_checkpoint
-from grape.distill import distill
+import grape.distill_training
+import grape.pipeline
+from grape.checkpoint import load_pruned
+from grape.distill import DistillOptions
+from grape.distill import distill as run_distill
 from grape.model_io import LazyCausalLM
-from grape.sparsity.sparsify import sparsify_model
+from grape.sparsity.sparsify import SparsifyOptions, sparsify
 from grape.surgery import prune_block
 
 SMALL = dict(
@@ -34,15 +37,19 @@ def models(tmp_path_factory) -> dict[str, Path]:
             if "experts" in name or ".gate." in name:
                 param.normal_(0.0, 0.3)
     teacher.save_pretrained(root / "teacher")
-    sparsify_model(root / "teacher", root / "sparse", method="magnitude", sparsity=0.5)
+    sparsify(SparsifyOptions(model=str(root / "teacher"), out=str(root / "sparse"), method="magnitude", sparsity=0.5))
 
     lazy = LazyCausalLM.open(root / "teacher")
     kept = {0: [0, 2, 3], 1: [1, 3]}
-    write_checkpoint(
+    save_checkpoint(
         lazy, root / "ragged", transform_layer=lambda i, layer: prune_block(layer.mlp, lazy.adapter, kept[i]),
         report={"step": "expert_pruning", "kept_experts": {str(k): v for k, v in kept.items()}},
     )
     return {"teacher": root / "teacher", "sparse": root / "sparse", "ragged": root / "ragged"}
+
+
+def distill(student: Path, teacher: Path, data: torch.Tensor, *, out_dir: Path, **options) -> dict:
+    return run_distill(DistillOptions(model=str(student), teacher=str(teacher), calib_ids=data, out=str(out_dir), **options))
 
 
 def _data(samples: int = 4, seq_len: int = 16) -> torch.Tensor:
@@ -82,11 +89,11 @@ def test_resume_continues_from_the_saved_step(models, tmp_path, monkeypatch) -> 
     full = distill(models["sparse"], models["teacher"], _data(), steps=4, out_dir=tmp_path / "full", **options)
 
     with monkeypatch.context() as patch:
-        patch.setattr(distill_module, "write_checkpoint", _interrupt)
+        patch.setattr(grape.pipeline, "write_checkpoint", _interrupt)
         with pytest.raises(KeyboardInterrupt):
             distill(models["sparse"], models["teacher"], _data(), steps=2, out_dir=tmp_path / "out", **options)
     assert not (tmp_path / "out").exists()
-    assert (tmp_path / ".out.distill-ckpt" / "state.pt").is_file()
+    assert (tmp_path / ".out.distill-ckpt" / "state.safetensors").is_file()
 
     with pytest.raises(FileExistsError, match="--resume"):
         distill(models["sparse"], models["teacher"], _data(), steps=4, out_dir=tmp_path / "out", **options)
@@ -135,7 +142,7 @@ def _fail(*args, **kwargs):
     ],
 )
 def test_bad_options_fail_before_loading_weights(options, error, why, models, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(distill_module, "load_pruned", _fail)
+    monkeypatch.setattr(grape.distill_training, "load_pruned", _fail)
     arguments = dict(steps=2, lr=1e-3, lam=1.0, out_dir=tmp_path / "out") | options
     with pytest.raises(error, match=why):
         distill(models["sparse"], models["teacher"], _data(), **arguments)
@@ -144,7 +151,7 @@ def test_bad_options_fail_before_loading_weights(options, error, why, models, tm
 def test_bad_models_and_data_fail_before_training(models, tmp_path, monkeypatch) -> None:
     from transformers import AutoModelForCausalLM, MixtralConfig
 
-    monkeypatch.setattr(distill_module, "load_pruned", _fail)
+    monkeypatch.setattr(grape.distill_training, "load_pruned", _fail)
     other = AutoModelForCausalLM.from_config(MixtralConfig(**(SMALL | {"hidden_size": 16}), num_local_experts=4))
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="differ in hidden_size"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -167,43 +166,3 @@ def test_evaluate_tasks_rejects_bad_arguments_before_importing(model, tokenizer,
         evaluate_tasks(model, tokenizer, ["arc_easy"], batch_size=0)
     with pytest.raises(ValueError, match="limit"):
         evaluate_tasks(model, tokenizer, ["arc_easy"], batch_size=1, limit=0)
-
-
-def test_evaluate_tasks_calls_lm_eval_on_in_memory_model(model, tokenizer, monkeypatch) -> None:
-    calls: dict = {}
-
-    class FakeHFLM:
-        def __init__(self, **kwargs) -> None:
-            calls["hflm"] = kwargs
-
-    def simple_evaluate(**kwargs):
-        calls["simple_evaluate"] = kwargs
-        return {
-            "results": {"arc_easy": {"acc,none": 0.25}},
-            "versions": {"arc_easy": 1.0},
-            "n-shot": {"arc_easy": 0},
-            "config": {"model": object()},
-            "samples": {"arc_easy": []},
-        }
-
-    lm_eval = types.ModuleType("lm_eval")
-    lm_eval.simple_evaluate = simple_evaluate
-    models_pkg = types.ModuleType("lm_eval.models")
-    huggingface = types.ModuleType("lm_eval.models.huggingface")
-    huggingface.HFLM = FakeHFLM
-    monkeypatch.setitem(sys.modules, "lm_eval", lm_eval)
-    monkeypatch.setitem(sys.modules, "lm_eval.models", models_pkg)
-    monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", huggingface)
-
-    out = evaluate_tasks(model, tokenizer, ["arc_easy"], batch_size=3, limit=10)
-
-    assert calls["hflm"]["pretrained"] is model and calls["hflm"]["tokenizer"] is tokenizer
-    assert calls["hflm"]["batch_size"] == 3
-    kwargs = calls["simple_evaluate"]
-    assert isinstance(kwargs["model"], FakeHFLM)
-    assert kwargs["tasks"] == ["arc_easy"] and kwargs["limit"] == 10 and kwargs["batch_size"] == 3
-    assert out == {
-        "results": {"arc_easy": {"acc,none": 0.25}},
-        "versions": {"arc_easy": 1.0},
-        "n-shot": {"arc_easy": 0},
-    }

@@ -12,13 +12,9 @@ from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, MixtralConfig, MixtralForCausalLM
 
 import grape.info as info_module
-from grape.info import (
-    CheckpointFormatError,
-    compare_info,
-    format_comparison,
-    format_info,
-    model_info,
-)
+from grape.checkpoint_files import CheckpointError
+from grape.info import compare_info, model_info
+from grape.info_format import format_comparison, format_info
 from grape_kernels.architectures import UnsupportedModelError
 
 SHARED_MODEL = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "mixtral-8x-pydoc"
@@ -112,11 +108,11 @@ def test_config_weights_mismatch_is_an_error(tiny, tmp_path: Path) -> None:
     config = json.loads((tmp_path / "bad" / "config.json").read_text())
     config["grape_experts_per_layer"] = [3, 3]
     (tmp_path / "bad" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointFormatError, match=r"layer 1 should have 3 routed experts .* hold \[2\]"):
+    with pytest.raises(CheckpointError, match=r"layer 1 should have 3 routed experts .* hold \[2\]"):
         model_info(tmp_path / "bad")
     config["grape_experts_per_layer"] = [3]
     (tmp_path / "bad" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointFormatError, match="one positive count .* per decoder layer"):
+    with pytest.raises(CheckpointError, match="one positive count .* per decoder layer"):
         model_info(tmp_path / "bad")
 
 
@@ -128,7 +124,7 @@ def test_per_expert_indices_must_be_consecutive(tiny, tmp_path: Path) -> None:
     prefix = "model.layers.1.block_sparse_moe.experts."
     kept = {k: v for k, v in state.items() if not k.startswith(prefix + "1.")}
     save_file(kept, weights, metadata={"format": "pt"})
-    with pytest.raises(CheckpointFormatError, match=r"layer 1 .* experts \[0, 2, 3\]; expected consec"):
+    with pytest.raises(CheckpointError, match=r"layer 1 .* experts \[0, 2, 3\]; expected consec"):
         model_info(tmp_path / "gap")
 
 
@@ -161,7 +157,7 @@ def test_sharded_checkpoint_matches_single_file(tiny, tmp_path: Path) -> None:
     assert sharded["file_bytes"] == sum(s.stat().st_size for s in shards)
 
     shards[-1].unlink()
-    with pytest.raises(CheckpointFormatError, match=rf"shard\(s\) that do not exist: \['{shards[-1].name}'\]"):
+    with pytest.raises(CheckpointError, match=rf"shard\(s\) that do not exist: \['{shards[-1].name}'\]"):
         model_info(tmp_path / "sharded")
 
 
@@ -172,7 +168,7 @@ def test_index_naming_a_tensor_not_in_its_shard(tiny, tmp_path: Path) -> None:
     index = json.loads(index_path.read_text())
     index["weight_map"]["model.layers.9.ghost.weight"] = next(iter(index["weight_map"].values()))
     index_path.write_text(json.dumps(index))
-    with pytest.raises(CheckpointFormatError, match="not in their shard"):
+    with pytest.raises(CheckpointError, match="not in their shard"):
         model_info(tmp_path / "sharded")
 
 
@@ -184,23 +180,23 @@ def test_truncated_safetensors_names_the_file(tiny, tmp_path: Path, keep_bytes: 
     weights = broken / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[:keep_bytes])
-    with pytest.raises(CheckpointFormatError, match=r"model\.safetensors is not a readable safetensors"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a readable safetensors"):
         model_info(broken)
 
 
 def test_missing_or_unsupported_inputs(tiny, tmp_path: Path) -> None:
-    with pytest.raises(CheckpointFormatError, match="is not a checkpoint folder"):
+    with pytest.raises(CheckpointError, match="is not a checkpoint folder"):
         model_info(tmp_path / "nope")
     (tmp_path / "noconfig").mkdir()
-    with pytest.raises(CheckpointFormatError, match="has no config.json"):
+    with pytest.raises(CheckpointError, match="has no config.json"):
         model_info(tmp_path / "noconfig")
     (tmp_path / "noweights").mkdir()
     shutil.copy(tiny[0] / "config.json", tmp_path / "noweights" / "config.json")
-    with pytest.raises(CheckpointFormatError, match="has no safetensors weights"):
+    with pytest.raises(CheckpointError, match="has no safetensors weights"):
         model_info(tmp_path / "noweights")
     (tmp_path / "badjson").mkdir()
     (tmp_path / "badjson" / "config.json").write_text("{")
-    with pytest.raises(CheckpointFormatError, match="cannot read .*config.json"):
+    with pytest.raises(CheckpointError, match="cannot read .*config.json"):
         model_info(tmp_path / "badjson")
     (tmp_path / "dense").mkdir()
     (tmp_path / "dense" / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))

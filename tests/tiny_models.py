@@ -116,3 +116,23 @@ def write_calibration_text(path: Path, repeats: int = 40) -> Path:
     """A text file long enough for a few short calibration samples."""
     path.write_text(SAMPLE_TEXT * repeats)
     return path
+
+
+def save_checkpoint(lazy, out: Path, *, transform_layer, report: dict, overwrite: bool = False) -> dict:
+    """Write ``lazy``'s model (each layer passed through ``transform_layer``) as a grape checkpoint
+    at ``out``, through the same pipeline the commands use; ``report`` joins the written report."""
+    from grape.pipeline import CommonOptions, Pipeline, run_pipeline
+
+    class Transform(Pipeline):
+        step = "test"
+
+        def validate(self) -> None:
+            pass
+
+        def transform_layer(self, index, layer) -> None:
+            transform_layer(index, layer)
+
+        def report_sections(self) -> dict:
+            return dict(report)
+
+    return run_pipeline(Transform(CommonOptions(model=str(lazy.model_dir), out=str(out), overwrite=overwrite)))

@@ -9,19 +9,18 @@ output Gram matrices: the raw material of GRAPE's redundancy and NAEE's reconstr
 
 Statistics are cached per layer under a key of (model weights, calibration ids, settings), so
 an interrupted calibration resumes from the last finished layer and re-running with another
-method or budget skips the expert evaluations.
+method or budget skips the expert evaluations (:mod:`grape.calibration.cache`: plain data,
+verified on read).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from grape.calibration.cache import StatsCache, default_cache_dir, stats_cache_key
 from grape.calibration.runner import NonFiniteActivationError, run_layerwise
 from grape.model_io import LazyCausalLM
 from grape.stats import LayerStats
@@ -29,26 +28,7 @@ from grape_kernels.architectures import MoEAdapter
 from grape_kernels.experts_module import expert_forward
 from grape_kernels.routing import routing_scores
 
-__all__ = ["collect_layer_stats", "measure_layer", "stats_cache_key", "default_cache_dir"]
-
-STATS_VERSION = 2
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("GRAPE_CACHE", Path.home() / ".cache" / "grape")) / "stats"
-
-
-def stats_cache_key(lazy: LazyCausalLM, input_ids: torch.Tensor, *, sample_tokens: int, sequential: bool) -> str:
-    """Identifies (weights, calibration ids, settings): same key, same statistics."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps(lazy.config.to_dict(), sort_keys=True, default=str).encode())
-    for name in sorted(set(lazy.index.key_to_file.values())):
-        stat = (lazy.model_dir / name).stat()
-        digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    digest.update(input_ids.cpu().numpy().tobytes())
-    digest.update(f"{sample_tokens}:{sequential}:{lazy.dtype}:{STATS_VERSION}".encode())
-    return digest.hexdigest()[:24]
-
+__all__ = ["collect_layer_stats", "measure_layer"]
 
 class _LayerStatsCollector:
     """Accumulates one MoE layer's statistics over the calibration batches."""
@@ -118,21 +98,11 @@ class _LayerStatsCollector:
 
     def finish(self) -> LayerStats:
         logits, grams, out_sq, resid_sq = (torch.cat(parts) for parts in zip(*self.samples))
+        sums = ("freq", "soft_mass", "gate_mass", "out_norm_sum", "gated_out_norm_sum", "gram")
         stats = LayerStats(
-            layer=self.layer,
-            num_tokens=self.num_tokens,
-            spec=self.spec,
-            freq=self.freq,
-            soft_mass=self.soft_mass,
-            gate_mass=self.gate_mass,
-            out_norm_sum=self.out_norm_sum,
-            gated_out_norm_sum=self.gated_out_norm_sum,
-            gram=self.gram,
-            token_logits=logits,
-            token_gram=grams,
-            token_out_sq=out_sq,
-            token_resid_sq=resid_sq,
-        )
+            layer=self.layer, num_tokens=self.num_tokens, spec=self.spec, token_logits=logits, token_gram=grams,
+            token_out_sq=out_sq, token_resid_sq=resid_sq, **{name: getattr(self, name) for name in sums},
+        )  # fmt: skip
         for name in ("freq", "soft_mass", "gram", "token_gram"):
             if not torch.isfinite(getattr(stats, name)).all():
                 raise NonFiniteActivationError(
@@ -173,26 +143,26 @@ def collect_layer_stats(
     """Statistics of every MoE layer of ``lazy`` on ``input_ids`` (cached on disk).
 
     Calibration runs on the original model (each layer sees the unpruned model's activations).
+    With ``use_cache=False`` every layer is recomputed (and the cache refreshed).
     """
     moe_layers = lazy.adapter.moe_layer_indices(lazy.config)
-    cache = (cache_dir or default_cache_dir()) / stats_cache_key(
-        lazy, input_ids, sample_tokens=sample_tokens, sequential=False
-    )
-    cached = {i: cache / f"layer_{i:04d}.pt" for i in moe_layers}
-    if use_cache and all(p.is_file() for p in cached.values()):
-        return {i: _load(p) for i, p in cached.items()}
-    cache.mkdir(parents=True, exist_ok=True)
+    key = stats_cache_key(lazy, input_ids, sample_tokens=sample_tokens, batch_size=batch_size, seed=seed, sequential=False)
+    cache = StatsCache(cache_dir or default_cache_dir(), key)
     results: dict[int, LayerStats] = {}
-    pending = [i for i in moe_layers if not (use_cache and cached[i].is_file())]
-    for i in set(moe_layers) - set(pending):
-        results[i] = _load(cached[i])
+    if use_cache:
+        for i in moe_layers:
+            stats = cache.load(i)
+            if stats is not None:
+                results[i] = stats
+    pending = [i for i in moe_layers if i not in results]
+    if not pending:
+        return results
 
     def visit(index: int, layer: nn.Module, _hidden, forward) -> None:
         stats = measure_layer(lazy, index, layer, forward, sample_tokens=sample_tokens, seed=seed)
-        _save_atomic(stats, cached[index])
+        cache.save(stats)
         results[index] = stats
 
-    last = max(pending) if pending else -1
     run_layerwise(
         lazy,
         input_ids,
@@ -200,17 +170,7 @@ def collect_layer_stats(
         batch_size=batch_size,
         sequential=False,
         layers=pending,
-        stop_after=last,
+        stop_after=max(pending),
         desc="calibrating",
     )
     return results
-
-
-def _save_atomic(stats: LayerStats, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(stats.to_state(), tmp)
-    os.replace(tmp, path)
-
-
-def _load(path: Path) -> LayerStats:
-    return LayerStats.from_state(torch.load(path, weights_only=False))

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from grape.errors import InputError
 from grape.model_io import LazyCausalLM
 
 __all__ = ["run_layerwise", "NonFiniteActivationError", "LayerVisitor"]
@@ -26,7 +27,7 @@ __all__ = ["run_layerwise", "NonFiniteActivationError", "LayerVisitor"]
 LayerVisitor = Callable[[int, nn.Module, list[torch.Tensor], Callable[[], list[torch.Tensor]]], None]
 
 
-class NonFiniteActivationError(ValueError):
+class NonFiniteActivationError(InputError):
     """NaN or Inf appeared in the activations during calibration."""
 
 

@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from grape.budget import LayerLimits, uniform_removals
+from grape.budget import Budget, LayerLimits
+from grape.registry import Registry
 from grape.stats import LayerStats
 
 __all__ = [
@@ -25,7 +26,7 @@ __all__ = [
     "ExpertPruningMethod",
     "ScoreMethod",
     "register",
-    "REGISTRY",
+    "METHODS",
     "nearest_by_cosine",
     "lowest_per_group",
 ]
@@ -59,15 +60,10 @@ class Selection:
     merge_into: dict[int, dict[int, int]] | None = None
 
 
-REGISTRY: dict[str, type[ExpertPruningMethod]] = {}
-
-
-def register(cls: type[ExpertPruningMethod]) -> type[ExpertPruningMethod]:
-    """Class decorator: make a method available under its ``name`` (the CLI's ``--method``)."""
-    if cls.name in REGISTRY:
-        raise ValueError(f"pruning method {cls.name!r} is registered twice")
-    REGISTRY[cls.name] = cls
-    return cls
+METHODS: Registry[type[ExpertPruningMethod]] = Registry("pruning method", package="grape.methods")
+"""Every expert-pruning method, by ``--method`` name; the modules of this package register
+themselves (``@register`` in each file), discovered on first lookup."""
+register = METHODS.register
 
 
 class ExpertPruningMethod(ABC):
@@ -93,17 +89,10 @@ class ExpertPruningMethod(ABC):
         self.seed = seed
         self.options = {**self.default_options, **options}
 
-    def plan(
-        self,
-        stats: Mapping[int, LayerStats],
-        limits: Mapping[int, LayerLimits],
-        *,
-        ratio: float | None = None,
-        keep_experts: int | None = None,
-    ) -> PruningPlan:
+    def plan(self, stats: Mapping[int, LayerStats], limits: Mapping[int, LayerLimits], budget: Budget) -> PruningPlan:
         """Choose the experts to remove in every layer for the given budget."""
         _check_inputs(stats, limits)
-        selection = self._select(stats, limits, ratio=ratio, keep_experts=keep_experts)
+        selection = self._select(stats, limits, budget)
         keep = {
             layer: sorted(set(range(limits[layer].num_experts)) - set(selection.removed[layer]))
             for layer in sorted(stats)
@@ -128,14 +117,7 @@ class ExpertPruningMethod(ABC):
         return PruningPlan(keep=keep, merge_into=merge_into, scores=selection.scores, info=info)
 
     @abstractmethod
-    def _select(
-        self,
-        stats: Mapping[int, LayerStats],
-        limits: Mapping[int, LayerLimits],
-        *,
-        ratio: float | None,
-        keep_experts: int | None,
-    ) -> Selection:
+    def _select(self, stats: Mapping[int, LayerStats], limits: Mapping[int, LayerLimits], budget: Budget) -> Selection:
         """Decide the removed experts (original indices) of every layer."""
 
 
@@ -196,15 +178,8 @@ class ScoreMethod(ExpertPruningMethod):
     def score(self, stats: LayerStats) -> torch.Tensor:
         """(E,) importance of each expert: the lowest are removed."""
 
-    def _select(
-        self,
-        stats: Mapping[int, LayerStats],
-        limits: Mapping[int, LayerLimits],
-        *,
-        ratio: float | None,
-        keep_experts: int | None,
-    ) -> Selection:
-        removals = uniform_removals(limits, ratio=ratio, keep_experts=keep_experts)
+    def _select(self, stats: Mapping[int, LayerStats], limits: Mapping[int, LayerLimits], budget: Budget) -> Selection:
+        removals = budget.per_layer(limits)
         removed: dict[int, list[int]] = {}
         scores: dict[int, list[float]] = {}
         for layer in sorted(stats):

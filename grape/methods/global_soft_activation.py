@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grape.budget import LayerLimits, allocate_greedy, global_removals_total
+from grape.budget import Budget, LayerLimits, allocate_greedy
 from grape.methods.base import ExpertPruningMethod, Selection, register
 from grape.stats import LayerStats
 
@@ -57,15 +57,8 @@ class GlobalSoftActivationMethod(ExpertPruningMethod):
     name = "global_soft_activation"
     is_global = True
 
-    def _select(
-        self,
-        stats: Mapping[int, LayerStats],
-        limits: Mapping[int, LayerLimits],
-        *,
-        ratio: float | None,
-        keep_experts: int | None,
-    ) -> Selection:
-        total = global_removals_total(limits, ratio=ratio, keep_experts=keep_experts)
+    def _select(self, stats: Mapping[int, LayerStats], limits: Mapping[int, LayerLimits], budget: Budget) -> Selection:
+        total = budget.global_total(limits)
         shares = {
             layer: s.soft_mass.double() / max(s.num_tokens, 1) for layer, s in stats.items()
         }

@@ -20,9 +20,8 @@ W_te (o_n(t) - o_e(t)), so the cost is
 
 **Comparable across layers** [``normaliser="model"``, default]. The denominator is one scale for
 the whole model: the mean over every MoE layer's sampled tokens of ||residual stream entering
-the block||^2 (the statistics' ``token_resid_sq``; older statistics fall back to the layers' own
-output energy), times the layer's sample count S_l. Costs are then absolute perturbations of
-the residual stream in units of its typical energy. Why one scale rather than each layer's own
+the block||^2 (the statistics' ``token_resid_sq``), times the layer's sample count S_l. Costs
+are then absolute perturbations of the residual stream in units of its typical energy. Why one scale rather than each layer's own
 residual energy (``normaliser="layer"``, relative perturbations): a layer's output is *added*
 to the residual stream and carried to the final norm, which divides every layer's
 contribution by the same final stream norm, so a perturbation costs the same wherever it
@@ -54,9 +53,8 @@ the surgery averages their weights by routed-token frequency. The plan deliberat
 model the merged expert's output as the frequency-weighted average of the members' outputs:
 an average of *weights* is not an average of *outputs* for a nonlinear expert, and modelling
 it as one makes a merged cluster (whose averaged output is smaller than either member's) look
-like a cheap substitute for still more experts, so clusters snowball. Measured on the trained
-test model at a 50% budget, the output-averaging model gave perplexity 93.8 where planning as
-drop mode and merging gave 32.4 (drop mode itself: 31.6; README).
+like a cheap substitute for still more experts, so clusters snowball (measured: README,
+"Measured choices").
 A grouped layer (n_group > 1) removes the cheapest expert of every group in one step, so every
 group keeps the same count; min_keep bounds the number of steps per layer. The step is ranked
 by its cost *per removed expert* (the summed cost / n_group): with one n_group for the whole
@@ -88,11 +86,7 @@ error when e is removed and the pruned router re-routes its tokens (token Grams 
 candidate per step (O(K) routings instead of an O(S K) refresh), so it is much slower on wide
 layers; merge mode changes outputs, which re-routing alone does not model, hence drop only.
 
-**Speed** (one CPU thread, float64, E = 128, S = 1024 sampled tokens, 48 layers, ratio 0.5, so
-3072 removals): about 12 s of CPU time for the substitution cost in drop or merge mode, most of
-it the one pass over each layer's token Grams at the start. ``cost="reroute"`` costs about one
-routing (S x E top-k) per kept expert per step: seconds per step at E = 128, a fraction of a
-second in all on 8-expert models.
+How fast each cost is on a 48-layer, 128-expert model is measured in the README.
 
 ``scores`` holds each expert's cost in the unpruned layer; ``info`` the greedy ``trace`` (layer,
 expert, cost, substitute, merged_into per removal in order), the guard's restarts, caps and
@@ -108,13 +102,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grape.budget import (
-    BudgetError,
-    LayerLimits,
-    allocate_greedy,
-    global_removals_total,
-    requested_removals,
-)
+from grape.budget import Budget, BudgetError, LayerLimits, allocate_greedy
 from grape.methods.base import ExpertPruningMethod, Selection, register
 from grape.methods.reconstruction import ReroutingError, residual_energy
 from grape.stats import LayerStats
@@ -312,21 +300,14 @@ class GRAPEMethod(ExpertPruningMethod):
                 f"max_layer_share must be in (0, 1], got {self.options['max_layer_share']}"
             )
 
-    def _select(
-        self,
-        stats: Mapping[int, LayerStats],
-        limits: Mapping[int, LayerLimits],
-        *,
-        ratio: float | None,
-        keep_experts: int | None,
-    ) -> Selection:
-        total = global_removals_total(limits, ratio=ratio, keep_experts=keep_experts)
+    def _select(self, stats: Mapping[int, LayerStats], limits: Mapping[int, LayerLimits], budget: Budget) -> Selection:
+        total = budget.global_total(limits)
         energy = _energies(stats, self.options["normaliser"])
         if self.options["cost"] == "reroute":
             layers = {l: _ReroutingLayer(stats[l], limits[l], energy[l]) for l in sorted(stats)}
         else:
             layers = {l: _SubstitutionLayer(stats[l], limits[l], energy[l]) for l in sorted(stats)}
-        uniform = requested_removals(limits, ratio=ratio, keep_experts=keep_experts)
+        uniform = budget.requested(limits)
         order, guard = self._allocate(layers, total, uniform)
 
         removed: dict[int, list[int]] = {layer: [] for layer in layers}
@@ -442,12 +423,10 @@ def _energies(stats: Mapping[int, LayerStats], normaliser: str) -> dict[int, tup
     """
     own = {layer: residual_energy(s) for layer, s in stats.items()}
     if normaliser == "layer":
-        return own
-    if normaliser != "model":
-        raise ValueError(f"normaliser must be 'model' or 'layer', got {normaliser!r}")
+        return {layer: (energy, "layer residual") for layer, energy in own.items()}
     samples = {layer: max(int(s.token_logits.shape[0]), 1) for layer, s in stats.items()}
-    per_token = sum(e for e, _ in own.values()) / sum(samples.values())
-    return {layer: (per_token * samples[layer], f"model-mean {own[layer][1]}") for layer in stats}
+    per_token = sum(own.values()) / sum(samples.values())
+    return {layer: (per_token * samples[layer], "model-mean residual") for layer in stats}
 
 
 def _resolve(chain: dict[int, int]) -> dict[int, int]:

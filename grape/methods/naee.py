@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 import torch
 
-from grape.budget import LayerLimits, uniform_removals
+from grape.budget import Budget, LayerLimits
 from grape.methods.base import ExpertPruningMethod, Selection, register
 from grape.methods.reconstruction import ReroutingError, residual_energy
 from grape.stats import LayerStats
@@ -39,21 +39,14 @@ class NAEEMethod(ExpertPruningMethod):
     is_global = False
     default_options = {"exhaustive_limit": 3000, "beam_width": 8}
 
-    def _select(
-        self,
-        stats: Mapping[int, LayerStats],
-        limits: Mapping[int, LayerLimits],
-        *,
-        ratio: float | None,
-        keep_experts: int | None,
-    ) -> Selection:
-        removals = uniform_removals(limits, ratio=ratio, keep_experts=keep_experts)
+    def _select(self, stats: Mapping[int, LayerStats], limits: Mapping[int, LayerLimits], budget: Budget) -> Selection:
+        removals = budget.per_layer(limits)
         removed: dict[int, list[int]] = {}
         scores: dict[int, list[float]] = {}
         searches: dict[int, dict] = {}
         for layer in sorted(stats):
             error = ReroutingError(stats[layer])
-            energy, _ = residual_energy(stats[layer])
+            energy = residual_energy(stats[layer])
             lim = limits[layer]
             drop, err, search = self._search(error, lim, removals[layer])
             removed[layer] = sorted(drop)

@@ -21,20 +21,16 @@ from grape_kernels.routing import route
 __all__ = ["ReroutingError", "residual_energy"]
 
 
-def residual_energy(stats: LayerStats) -> tuple[float, str]:
+def residual_energy(stats: LayerStats) -> float:
     """Sum over sampled tokens of the energy that makes errors comparable across layers.
 
     The residual stream entering the block (``token_resid_sq``) is what an error in this layer's
     output perturbs, so errors divided by it are relative perturbations of the model's state and
-    can be compared across layers whose output scales differ by orders of magnitude. Statistics
-    that predate that field fall back to the layer's own output energy (``token_out_sq``).
-    Returns the energy (1.0 when it is zero, e.g. no sampled tokens: every error is zero then)
-    and the name of the field used.
+    can be compared across layers whose output scales differ by orders of magnitude. 1.0 when it
+    is zero (no sampled tokens: every error is zero then).
     """
-    resid = getattr(stats, "token_resid_sq", None)
-    name = "token_resid_sq" if resid is not None else "token_out_sq"
-    energy = float((resid if resid is not None else stats.token_out_sq).sum())
-    return (energy if energy > 0 else 1.0), name
+    energy = float(stats.token_resid_sq.sum())
+    return energy if energy > 0 else 1.0
 
 
 class ReroutingError:

@@ -1,4 +1,4 @@
-"""Importance scores of expert weights: MoE-Pruner, Wanda and magnitude, behind one registry.
+"""Importance scores of expert weights: MoE-Pruner, Wanda and magnitude, each a registered criterion.
 
 For an expert matrix W (out, in) and the tokens t routed to that expert:
 
@@ -14,58 +14,67 @@ precision would create spurious ties and move the pruning threshold.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 
+from grape.registry import Registry
 from grape.sparsity.collect import InputStats
 
-__all__ = ["ScoreMethod", "SCORE_METHODS", "get_score_method"]
+__all__ = ["WeightCriterion", "CRITERIA", "get_criterion"]
 
 
-@dataclass(frozen=True)
-class ScoreMethod:
-    """One pruning criterion.
+class WeightCriterion(ABC):
+    """How important each weight of one expert matrix is; the lowest scores are pruned.
 
-    Attributes:
-        name: the ``--method`` value.
-        needs_calibration: whether input statistics must be collected.
-        score: (W (out, in), stats of the expert's inputs or None, expert index) -> (out, in) float64.
+    Subclasses set ``name`` (the ``--method`` value) and ``needs_calibration`` (whether input
+    statistics must be collected), and register with ``@CRITERIA.register``.
     """
 
-    name: str
-    needs_calibration: bool
-    score: Callable[[torch.Tensor, InputStats | None, int], torch.Tensor]
+    name: ClassVar[str]
+    needs_calibration: ClassVar[bool]
+
+    @abstractmethod
+    def score(self, weight: torch.Tensor, stats: InputStats | None, expert: int) -> torch.Tensor:
+        """(out, in) float64 scores of ``weight`` (out, in), given the expert's input statistics."""
 
 
-def _magnitude(weight: torch.Tensor, stats: InputStats | None, expert: int) -> torch.Tensor:
-    return weight.detach().to(torch.float64).abs()
+CRITERIA: Registry[type[WeightCriterion]] = Registry("sparsification method")
+"""Every weight-sparsity criterion, by ``grape sparsify --method`` name."""
 
 
-def _moe_pruner(weight: torch.Tensor, stats: InputStats | None, expert: int) -> torch.Tensor:
-    return _magnitude(weight, None, expert) * stats.gated_sq[expert].sqrt().unsqueeze(0)
+def get_criterion(name: str) -> WeightCriterion:
+    """An instance of the criterion registered as ``name`` (InputError listing the others)."""
+    return CRITERIA.get(name)()
 
 
-def _wanda(weight: torch.Tensor, stats: InputStats | None, expert: int) -> torch.Tensor:
-    return _magnitude(weight, None, expert) * stats.plain_sq[expert].sqrt().unsqueeze(0)
+@CRITERIA.register
+class Magnitude(WeightCriterion):
+    name = "magnitude"
+    needs_calibration = False
+
+    def score(self, weight: torch.Tensor, stats: InputStats | None, expert: int) -> torch.Tensor:
+        return weight.detach().to(torch.float64).abs()
 
 
-SCORE_METHODS: dict[str, ScoreMethod] = {
-    m.name: m
-    for m in (
-        ScoreMethod("moe_pruner", True, _moe_pruner),
-        ScoreMethod("wanda", True, _wanda),
-        ScoreMethod("magnitude", False, _magnitude),
-    )
-}
+class _ActivationWeighted(WeightCriterion):
+    """|W_rc| * sqrt(statistic[expert, c]): a magnitude weighted by how much input column c carries."""
+
+    needs_calibration = True
+    statistic: ClassVar[str]
+
+    def score(self, weight: torch.Tensor, stats: InputStats | None, expert: int) -> torch.Tensor:
+        return Magnitude().score(weight, None, expert) * getattr(stats, self.statistic)[expert].sqrt().unsqueeze(0)
 
 
-def get_score_method(name: str) -> ScoreMethod:
-    """The registered method ``name``, or a ValueError listing the available ones."""
-    try:
-        return SCORE_METHODS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown sparsification method {name!r}; choose one of {', '.join(SCORE_METHODS)}"
-        ) from None
+@CRITERIA.register
+class MoEPruner(_ActivationWeighted):
+    name = "moe_pruner"
+    statistic = "gated_sq"  # sum over routed tokens of (router gate * input)^2
+
+
+@CRITERIA.register
+class Wanda(_ActivationWeighted):
+    name = "wanda"
+    statistic = "plain_sq"  # sum over routed tokens of input^2 (no gate)

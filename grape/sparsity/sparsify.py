@@ -22,19 +22,16 @@ the report lists it.
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from grape.calibration.runner import run_layerwise
-from grape.checkpoint import check_output_dir, write_checkpoint
-from grape.model_io import LazyCausalLM
-from grape.report import write_json_atomic
+from grape.errors import InputError
+from grape.pipeline import CommonOptions, Pipeline, run_pipeline, stage_labels
+from grape.report import previous_report
 from grape.sparsity.collect import (
     InputStats,
     RoutedBatch,
@@ -43,37 +40,37 @@ from grape.sparsity.collect import (
 )
 from grape.sparsity.layout import EXPERT_WEIGHTS, in_features, oriented
 from grape.sparsity.masks import SparsityPattern, keep_mask, parse_pattern
-from grape.sparsity.scores import SCORE_METHODS, ScoreMethod, get_score_method
+from grape.sparsity.scores import WeightCriterion, get_criterion
 from grape_kernels.architectures import UnsupportedModelError
 from grape_kernels.experts_module import expert_activation
 
-__all__ = ["SparsityPlan", "SparsifyJob", "sparsify_experts", "prepare_sparsify", "sparsify_model", "sparsify_cli"]
+__all__ = ["SparsityPlan", "SparsifyOptions", "SparsifyPipeline", "sparsify", "sparsify_experts"]
 
 
 @dataclass(frozen=True)
 class SparsityPlan:
     """What to prune and how: the validated ``--method``, ``--pattern`` and ``--sparsity``."""
 
-    method: ScoreMethod
+    method: WeightCriterion
     pattern: SparsityPattern
     sparsity: float
 
     @classmethod
     def build(cls, method: str, sparsity: float | None, pattern: SparsityPattern) -> SparsityPlan:
         """Validate the combination; N:M fixes the sparsity, so a conflicting value is an error."""
-        score_method = get_score_method(method)
+        score_method = get_criterion(method)
         if pattern.structured:
             implied = pattern.sparsity
             if sparsity is not None and abs(sparsity - implied) > 1e-9:
-                raise ValueError(
+                raise InputError(
                     f"pattern {pattern} prunes exactly {implied:g} of the weights; "
                     f"--sparsity {sparsity:g} contradicts it (pass {implied:g})"
                 )
             sparsity = implied
         if sparsity is None:
-            raise ValueError("unstructured sparsification needs --sparsity in [0, 1)")
+            raise InputError("unstructured sparsification needs --sparsity in [0, 1)")
         if not 0.0 <= float(sparsity) < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+            raise InputError(f"sparsity must be in [0, 1), got {sparsity}")
         return cls(score_method, pattern, float(sparsity))
 
     def check_widths(self, experts: nn.Module, what: str) -> None:
@@ -88,7 +85,7 @@ def _prune_matrix(
     """Zero the lowest-scoring weights of one expert matrix in place."""
     weight = oriented(experts, name, expert)
     if stats is None or int(stats.tokens[expert]) == 0:
-        scores = SCORE_METHODS["magnitude"].score(weight, None, expert)
+        scores = get_criterion("magnitude").score(weight, None, expert)
     else:
         scores = plan.method.score(weight, stats, expert)
     weight.masked_fill_(~keep_mask(scores, plan.pattern, plan.sparsity), 0)
@@ -127,207 +124,104 @@ def sparsify_experts(experts: nn.Module, batches: list[RoutedBatch] | None, plan
     return report
 
 
-@dataclass
-class SparsifyJob:
-    """A validated sparsification run: the model opened lazily, the plan, the output location.
+@dataclass(frozen=True, kw_only=True)
+class SparsifyOptions(CommonOptions):
+    """``grape sparsify``'s own options: the criterion, the sparsity and its pattern."""
 
-    Built by :func:`prepare_sparsify`, which does every cheap check; :meth:`run` does the work.
+    method: str = "moe_pruner"
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+
+
+class SparsifyPipeline(Pipeline):
+    """Weight sparsity inside routed experts through the shared stages (see the module docs).
+
+    Layers are pruned *while* calibrating (each layer's statistics must see the already pruned
+    layers before it), so there is no separate plan stage; magnitude needs no calibration and
+    prunes each layer as it is written.
     """
 
-    lazy: LazyCausalLM
-    plan: SparsityPlan
-    out: Path
-    moe_layers: list[int]
-    overwrite: bool = False
-    batch_size: int = 8
-    started: float = field(default_factory=time.perf_counter)
+    step = "sparsify"
+    timing_labels = stage_labels(calibrate="calibration_and_scoring", plan="calibration_and_scoring", write="save")
+    options: SparsifyOptions
 
-    def run(self, calib_ids: torch.Tensor | None, calibration: dict | None = None) -> dict:
-        """Calibrate (unless magnitude), prune every MoE layer, write the checkpoint; the report.
+    def validate(self) -> None:
+        o = self.options
+        self.sparsity = SparsityPlan.build(o.method, o.sparsity, parse_pattern(o.pattern))
+        adapter = self.lazy.adapter
+        self.moe_layers = []
+        for index, layer in enumerate(adapter.decoder_layers(self.lazy.model)):
+            block = adapter.moe_block(layer)
+            if block is not None:
+                self.sparsity.check_widths(block.experts, f"layer {index}")
+                self.moe_layers.append(index)
+        if not self.moe_layers:
+            raise UnsupportedModelError(f"{self.lazy.model_dir} has no layer with routed experts: nothing to sparsify")
+        if self.sparsity.method.needs_calibration:
+            self.ids = self.load_calibration(required_by=f"method {o.method!r}")
+        self.masks: dict[int, dict[str, torch.Tensor]] = {}
+        self.layers: dict[int, dict] = {}
 
-        Args:
-            calib_ids: (N, L) calibration token ids; required unless the method is magnitude.
-            calibration: what the ids came from (source, seed...), recorded in the report.
-        """
-        method = self.plan.method
-        if method.needs_calibration:
-            if calib_ids is None or calib_ids.dim() != 2 or calib_ids.numel() == 0:
-                raise ValueError(f"method {method.name!r} needs calibration data (--calib): a non-empty (samples, seq_len) id tensor")
-        lazy, adapter = self.lazy, self.lazy.adapter
-        masks: dict[int, dict[str, torch.Tensor]] = {}
-        layers: dict[int, dict] = {}
+    def inputs(self) -> dict:
+        return {"input model": self.lazy.model_dir, "calibration data": self.options.calib if self.ids is not None else None}
+
+    def calibrate(self) -> None:
+        if self.ids is None:
+            return
+        adapter = self.lazy.adapter
 
         def visit(index: int, layer: nn.Module, _hidden: list[torch.Tensor], forward) -> None:
             experts = adapter.moe_block(layer).experts
             with capture_routed_inputs(experts, layer=index) as batches:
                 forward()
-            layers[index] = sparsify_experts(experts, batches, self.plan)
-            masks[index] = {name: getattr(experts, name).detach() != 0 for name in EXPERT_WEIGHTS}
+            self.layers[index] = sparsify_experts(experts, batches, self.sparsity)
+            self.masks[index] = {name: getattr(experts, name).detach() != 0 for name in EXPERT_WEIGHTS}
 
-        t_calib = time.perf_counter()
-        if method.needs_calibration:
-            run_layerwise(
-                lazy,
-                calib_ids,
-                visit,
-                batch_size=self.batch_size,
-                sequential=True,
-                layers=self.moe_layers,
-                stop_after=self.moe_layers[-1],
-                desc=f"sparsify ({method.name})",
-            )
-
-        def transform(index: int, layer: nn.Module) -> None:
-            if index not in self.moe_layers:
-                return
-            experts = adapter.moe_block(layer).experts
-            if index in masks:
-                with torch.no_grad():
-                    for name, keep in masks.pop(index).items():
-                        getattr(experts, name).data.masked_fill_(~keep, 0)
-            else:
-                layers[index] = sparsify_experts(experts, None, self.plan)
-
-        t_write = time.perf_counter()
-        previous = _previous_report(lazy.model_dir)
-        report = {
-            "grape_version": __import__("grape").__version__,
-            "step": "sparsify",
-            "source_model": str(lazy.model_dir),
-            "architecture": adapter.name,
-            "method": method.name,
-            "pattern": str(self.plan.pattern),
-            "sparsity": self.plan.sparsity,
-            "pruned": "routed expert gate_up_proj and down_proj (down_proj scored through the pruned gate_up_proj)",
-            "calibration": None
-            if not method.needs_calibration
-            else {**(calibration or {}), "samples": int(calib_ids.shape[0]), "seq_len": int(calib_ids.shape[1]), "tokens": int(calib_ids.numel())},
-        }
-        if previous is not None:
-            report["previous_steps"] = previous.pop("previous_steps", []) + [previous]
-            if "kept_experts" in previous:
-                report["kept_experts"] = previous["kept_experts"]
-        write_checkpoint(
-            lazy,
-            self.out,
-            transform_layer=transform,
-            report=report,
-            overwrite=self.overwrite,
-            plot_title=f"{method.name} {self.plan.pattern} sparsity {self.plan.sparsity:g}",
+        run_layerwise(
+            self.lazy,
+            self.ids,
+            visit,
+            batch_size=self.options.batch_size,
+            sequential=True,
+            layers=self.moe_layers,
+            stop_after=self.moe_layers[-1],
+            desc=f"sparsify ({self.sparsity.method.name})",
         )
-        return self._finish(layers, t_calib, t_write)
 
-    def _finish(self, layers: dict[int, dict], t_calib: float, t_write: float) -> dict:
-        """Add per-layer results, totals and timings to the written report (atomically)."""
-        path = self.out / "grape_report.json"
-        report = json.loads(path.read_text())
+    def transform_layer(self, index: int, layer: nn.Module) -> None:
+        if index not in self.moe_layers:
+            return
+        experts = self.lazy.adapter.moe_block(layer).experts
+        if index in self.masks:
+            with torch.no_grad():
+                for name, keep in self.masks.pop(index).items():
+                    getattr(experts, name).data.masked_fill_(~keep, 0)
+        else:
+            self.layers[index] = sparsify_experts(experts, None, self.sparsity)
+
+    @property
+    def plot_title(self) -> str:
+        return f"{self.sparsity.method.name} {self.sparsity.pattern} sparsity {self.sparsity.sparsity:g}"
+
+    def report_sections(self) -> dict[str, Any]:
+        layers = self.layers
         total = sum(entry[name]["numel"] for entry in layers.values() for name in EXPERT_WEIGHTS)
         zeros = sum(entry[name]["zeros"] for entry in layers.values() for name in EXPERT_WEIGHTS)
-        now = time.perf_counter()
-        report["layers"] = {str(i): layers[i] for i in sorted(layers)}
-        report["expert_weights"] = {"total": total, "zeros": zeros, "sparsity": zeros / total if total else 0.0}
-        report["timings_s"] = {
-            "setup": round(t_calib - self.started, 3),
-            "calibration_and_scoring": round(t_write - t_calib, 3),
-            "save": round(now - t_write, 3),
-            "total": round(now - self.started, 3),
+        sections = {
+            "method": self.sparsity.method.name,
+            "pattern": str(self.sparsity.pattern),
+            "sparsity": self.sparsity.sparsity,
+            "pruned": "routed expert gate_up_proj and down_proj (down_proj scored through the pruned gate_up_proj)",
+            "calibration": self.calibration_summary(),
+            "layers": {str(i): layers[i] for i in sorted(layers)},
+            "expert_weights": {"total": total, "zeros": zeros, "sparsity": zeros / total if total else 0.0},
         }
-        write_json_atomic(report, path)
-        return report
+        previous = previous_report(self.lazy.model_dir)
+        if previous is not None and "kept_experts" in previous:
+            sections["kept_experts"] = previous["kept_experts"]  # the experts are the same ones
+        return sections
 
 
-def _previous_report(model_dir: Path) -> dict | None:
-    """The input's own grape report (e.g. of ``grape prune``), so the output records both steps."""
-    path = model_dir / "grape_report.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def prepare_sparsify(
-    model_path: str | Path,
-    out_dir: str | Path,
-    *,
-    method: str,
-    sparsity: float | None,
-    pattern: str | SparsityPattern = "unstructured",
-    batch_size: int = 8,
-    dtype: torch.dtype | None = None,
-    device: str = "cpu",
-    overwrite: bool = False,
-) -> SparsifyJob:
-    """Every check that needs no forward pass: options, model, MoE layers, N:M widths, output.
-
-    Raises:
-        ValueError (and subclasses): bad method/sparsity/pattern, a model that is not a supported
-            MoE or has no MoE layer, M not dividing an expert's input width, an existing output.
-    """
-    pattern = parse_pattern(pattern) if isinstance(pattern, str) else pattern
-    plan = SparsityPlan.build(method, sparsity, pattern)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    lazy = LazyCausalLM.open(model_path, dtype=dtype, device=device)
-    out = check_output_dir(out_dir, overwrite=overwrite, source=lazy.model_dir)
-    adapter = lazy.adapter
-    moe_layers = []
-    for index, layer in enumerate(adapter.decoder_layers(lazy.model)):
-        block = adapter.moe_block(layer)
-        if block is not None:
-            plan.check_widths(block.experts, f"layer {index}")
-            moe_layers.append(index)
-    if not moe_layers:
-        raise UnsupportedModelError(f"{lazy.model_dir} has no layer with routed experts: nothing to sparsify")
-    return SparsifyJob(lazy, plan, out, moe_layers, overwrite=overwrite, batch_size=batch_size)
-
-
-def sparsify_model(
-    model_path: str | Path,
-    out_dir: str | Path,
-    *,
-    method: str,
-    sparsity: float | None,
-    pattern: str | SparsityPattern = "unstructured",
-    calib_ids: torch.Tensor | None = None,
-    calibration: dict | None = None,
-    batch_size: int = 8,
-    dtype: torch.dtype | None = None,
-    device: str = "cpu",
-    overwrite: bool = False,
-) -> dict:
-    """Sparsify the routed experts of ``model_path`` into ``out_dir``; returns the report.
-
-    See the module docstring for the algorithm; ``calibration`` describes where ``calib_ids``
-    came from, for the report.
-    """
-    job = prepare_sparsify(
-        model_path, out_dir, method=method, sparsity=sparsity, pattern=pattern,
-        batch_size=batch_size, dtype=dtype, device=device, overwrite=overwrite,
-    )
-    return job.run(calib_ids, calibration)
-
-
-def sparsify_cli(args: argparse.Namespace) -> None:
-    """``grape sparsify``: validate, read the calibration text, run, print a summary."""
-    from transformers import AutoTokenizer
-
-    from grape.data import build_calibration_ids, load_texts
-    from grape.prune import parse_dtype
-
-    job = prepare_sparsify(
-        args.model, args.out, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
-        dtype=parse_dtype(args.dtype), device=args.device, overwrite=args.overwrite,
-    )
-    ids = calibration = None
-    if job.plan.method.needs_calibration:
-        if not args.calib:
-            raise ValueError(f"--method {args.method} needs calibration text: pass --calib")
-        tokenizer = AutoTokenizer.from_pretrained(job.lazy.model_dir)
-        ids = build_calibration_ids(
-            tokenizer, load_texts(args.calib), num_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed
-        )
-        calibration = {"source": str(args.calib), "seed": args.seed}
-    report = job.run(ids, calibration)
-    totals = report["expert_weights"]
-    print(f"wrote {job.out}")
-    print(
-        f"{report['method']} {report['pattern']}: {totals['zeros']:,} of {totals['total']:,} routed expert "
-        f"weights are zero ({totals['sparsity']:.2%}); time {report['timings_s']['total']:.1f}s"
-    )
+def sparsify(options: SparsifyOptions) -> dict[str, Any]:
+    """Sparsify the routed experts of ``options.model`` into ``options.out``; returns the report."""
+    return run_pipeline(SparsifyPipeline(options))

@@ -8,8 +8,6 @@ themselves.
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import pytest
 import torch
 
@@ -50,11 +48,7 @@ def stats_from_outputs(
         token_out_sq=layer_out.square().sum(-1),
     )
     resid = resid_sq if resid_sq is not None else torch.full((tokens,), 100.0, dtype=torch.float64)
-    if "token_resid_sq" in {f.name for f in fields(LayerStats)}:
-        return LayerStats(**values, token_resid_sq=resid)
-    stats = LayerStats(**values)
-    stats.token_resid_sq = resid
-    return stats
+    return LayerStats(**values, token_resid_sq=resid)
 
 
 def random_layer(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grape.budget import BudgetError, LayerLimits
+from grape.budget import Budget, BudgetError, LayerLimits
 from grape.methods import get_method
 from grape_kernels.routing import RoutingSpec
 
@@ -23,7 +23,7 @@ def test_removals_go_to_the_layer_with_low_mass_experts(make_layer, make_limits)
         1: _layer_with_weak_experts(make_layer, 1, (1, 4, 6), seed=1),
         2: _layer_with_weak_experts(make_layer, 2, (), seed=2, tokens=96),
     }
-    plan = get_method("global_soft_activation")().plan(stats, make_limits(stats), ratio=0.125)
+    plan = get_method("global_soft_activation")().plan(stats, make_limits(stats), Budget(ratio=0.125))
     # Reference: sort every (share, layer, expert) of the model and take the lowest 3.
     shares = sorted(
         (float(s.token_logits.softmax(-1).sum(0)[e]) / s.num_tokens, layer, e)
@@ -42,11 +42,11 @@ def test_min_keep_caps_a_layer_and_the_rest_comes_from_elsewhere(make_layer, mak
         0: _layer_with_weak_experts(make_layer, 0, (), seed=4),
         1: _layer_with_weak_experts(make_layer, 1, range(7), seed=5),
     }
-    plan = get_method("global_soft_activation")().plan(stats, make_limits(stats), ratio=0.5)
+    plan = get_method("global_soft_activation")().plan(stats, make_limits(stats), Budget(ratio=0.5))
     assert plan.info["removed_per_layer"] == {0: 2, 1: 6}
     assert len(plan.keep[1]) == 2 and 7 in plan.keep[1]
     with pytest.raises(BudgetError, match="at most 12"):
-        get_method("global_soft_activation")().plan(stats, make_limits(stats), keep_experts=1)
+        get_method("global_soft_activation")().plan(stats, make_limits(stats), Budget(keep_experts=1))
 
 
 def test_grouped_layer_removes_one_per_group_per_step(make_layer):
@@ -56,7 +56,7 @@ def test_grouped_layer_removes_one_per_group_per_step(make_layer):
     stats.soft_mass = stats.token_logits.softmax(-1).sum(0)
     other = _layer_with_weak_experts(make_layer, 1, (), seed=7)
     limits = {0: LayerLimits(8, 4, n_group=2), 1: LayerLimits(8, 2)}
-    plan = get_method("global_soft_activation")().plan({0: stats, 1: other}, limits, ratio=0.25)
+    plan = get_method("global_soft_activation")().plan({0: stats, 1: other}, limits, Budget(ratio=0.25))
     kept = plan.keep[0]
     assert sum(e < 4 for e in kept) == sum(e >= 4 for e in kept)
     assert plan.info["removed_per_layer"][0] in (2, 4)
@@ -66,7 +66,7 @@ def test_grouped_layer_removes_one_per_group_per_step(make_layer):
 def test_merge_mode_fills_merge_targets(make_layer, make_limits):
     stats = {l: _layer_with_weak_experts(make_layer, l, (l,), seed=l) for l in range(2)}
     plan = get_method("global_soft_activation")(merge=True).plan(
-        stats, make_limits(stats), keep_experts=6
+        stats, make_limits(stats), Budget(keep_experts=6)
     )
     for layer, targets in plan.merge_into.items():
         assert set(targets) == set(range(8)) - set(plan.keep[layer])

@@ -42,9 +42,6 @@ def test_zero_tokens_give_zero_error(make_layer):
     assert ReroutingError(stats)(keep) == 0.0
 
 
-def test_residual_energy_prefers_residual_stream_and_falls_back(make_layer):
+def test_residual_energy_is_the_residual_streams(make_layer):
     stats, _ = make_layer(8, tokens=10)
-    assert residual_energy(stats) == (pytest.approx(1000.0), "token_resid_sq")
-    stats.token_resid_sq = None
-    energy, name = residual_energy(stats)
-    assert name == "token_out_sq" and energy == pytest.approx(float(stats.token_out_sq.sum()))
+    assert residual_energy(stats) == pytest.approx(1000.0)

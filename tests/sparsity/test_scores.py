@@ -8,7 +8,7 @@ import torch
 from grape.calibration.runner import NonFiniteActivationError
 from grape.sparsity.collect import RoutedBatch, capture_routed_inputs, input_stats
 from grape.sparsity.masks import parse_pattern
-from grape.sparsity.scores import SCORE_METHODS, get_score_method
+from grape.sparsity.scores import CRITERIA, get_criterion
 from grape.sparsity.sparsify import SparsityPlan, sparsify_experts
 from grape_kernels.experts_module import expert_activation
 
@@ -32,7 +32,7 @@ def _reference_scores(weight_oi: torch.Tensor, inputs: torch.Tensor, gates: torc
     return w * ((g.unsqueeze(1) * inputs.double()) ** 2).sum(dim=0).sqrt().unsqueeze(0)
 
 
-@pytest.mark.parametrize("method", list(SCORE_METHODS))
+@pytest.mark.parametrize("method", CRITERIA.names())
 def test_gate_up_scores_match_float64_reference(method, mixtral_experts, routed_batch) -> None:
     experts = mixtral_experts(seed=3)
     batches = [routed_batch(23, 16, 4, seed=4), routed_batch(17, 16, 4, seed=5)]
@@ -41,7 +41,7 @@ def test_gate_up_scores_match_float64_reference(method, mixtral_experts, routed_
     stats = input_stats(batches, 4, 16)
     for e in range(4):
         weight = experts.gate_up_proj.detach()[e]
-        got = get_score_method(method).score(weight, stats, e)
+        got = get_criterion(method).score(weight, stats, e)
         want = _reference_scores(weight, x, gates[:, e], method)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
         assert int(stats.tokens[e]) == int((gates[:, e] > 0).sum())

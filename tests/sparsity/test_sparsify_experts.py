@@ -92,7 +92,7 @@ def test_expert_without_tokens_falls_back_to_magnitude(mixtral_experts, routed_b
         ("wanda", -0.1, "unstructured", r"\[0, 1\)"),
         ("wanda", None, "unstructured", "needs --sparsity"),
         ("wanda", 0.6, "2:4", "contradicts"),
-        ("sparsegpt", 0.5, "unstructured", "moe_pruner, wanda, magnitude"),
+        ("sparsegpt", 0.5, "unstructured", "available: magnitude, moe_pruner, wanda"),
     ],
 )
 def test_plan_rejects_bad_input(method, sparsity, pattern, why) -> None:

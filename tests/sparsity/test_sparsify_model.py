@@ -8,16 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import ARCHS, build_tiny_model
+from tiny_models import ARCHS, build_tiny_model, save_checkpoint
 
-from grape.checkpoint import OutputExistsError, load_pruned, write_checkpoint
+import grape.pipeline
+from grape.checkpoint import load_pruned
+from grape.errors import OutputExistsError
 from grape.model_io import LazyCausalLM
 from grape.sparsity import sparsify as sparsify_module
 from grape.sparsity.collect import capture_routed_inputs
 from grape.sparsity.masks import parse_pattern
-from grape.sparsity.sparsify import SparsityPlan, sparsify_experts, sparsify_model
+from grape.sparsity.sparsify import SparsifyOptions, SparsityPlan, sparsify, sparsify_experts
 from grape.surgery import prune_block
 from grape_kernels.architectures import UnsupportedModelError
+
+
+def sparsify_model(model: Path, out: Path, **options) -> dict:
+    return sparsify(SparsifyOptions(model=str(model), out=str(out), **options))
 
 
 def _digest(directory: Path) -> dict[str, str]:
@@ -87,7 +93,7 @@ def test_magnitude_needs_no_calibration_and_keeps_other_weights(tiny_mixtral_dir
 def test_sparsifies_a_ragged_expert_pruned_model_and_records_both_steps(tiny_mixtral_dir, tmp_path) -> None:
     lazy = LazyCausalLM.open(tiny_mixtral_dir)
     kept = {0: [0, 2, 3], 1: [1, 3]}
-    write_checkpoint(
+    save_checkpoint(
         lazy,
         tmp_path / "pruned",
         transform_layer=lambda i, layer: prune_block(layer.mlp, lazy.adapter, kept[i]),
@@ -122,14 +128,14 @@ def _fail(message: str):
         ({"sparsity": None, "pattern": "3:2"}, ValueError, "0 < N < M"),
         ({"sparsity": None, "pattern": "a:b"}, ValueError, "N:M with integers"),
         ({"sparsity": None, "pattern": "1:3"}, ValueError, "M=3 does not divide the input width 32 of layer 0 gate_up_proj"),
-        ({"sparsity": 0.5, "method": "obs"}, ValueError, "choose one of moe_pruner, wanda, magnitude"),
+        ({"sparsity": 0.5, "method": "obs"}, ValueError, "unknown sparsification method 'obs'; available: magnitude, moe_pruner, wanda"),
         ({"sparsity": 0.5, "calib_ids": None}, ValueError, "needs calibration data"),
         ({"sparsity": 0.5, "calib_ids": torch.zeros(0, 8, dtype=torch.long)}, ValueError, "needs calibration data"),
     ],
 )
 def test_bad_input_fails_before_heavy_work(kwargs, error, why, tiny_mixtral_dir, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(sparsify_module, "run_layerwise", _fail("calibration started"))
-    monkeypatch.setattr(sparsify_module, "write_checkpoint", _fail("writing started"))
+    monkeypatch.setattr(grape.pipeline, "write_checkpoint", _fail("writing started"))
     options = {"method": "moe_pruner", "calib_ids": _calib_ids()} | kwargs
     with pytest.raises(error, match=why):
         sparsify_model(tiny_mixtral_dir, tmp_path / "out", **options)

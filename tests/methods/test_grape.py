@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from grape.budget import LayerLimits
+from grape.budget import Budget, LayerLimits
 from grape.methods import get_method
 from grape_kernels.routing import RoutingSpec, dense_routing_weights
 
@@ -70,7 +70,7 @@ def _model(make_layer, num_layers=3, experts=8, **kwargs):
 def _plan(layers, make_limits, **kwargs):
     stats = {layer: s for layer, (s, _) in layers.items()}
     budget = {k: kwargs.pop(k) for k in ("ratio", "keep_experts") if k in kwargs}
-    return get_method("grape")(**kwargs).plan(stats, make_limits(stats), **budget)
+    return get_method("grape")(**kwargs).plan(stats, make_limits(stats), Budget(**budget))
 
 
 @pytest.mark.parametrize("merge", [False, True])
@@ -166,7 +166,7 @@ def test_min_keep_and_group_balance_are_respected(cost, make_layer):
     other, _ = make_layer(8, tokens=40, seed=2, layer=1, spec=spec)
     limits = {0: LayerLimits(8, 4, n_group=2), 1: LayerLimits(8, 4, n_group=2)}
     method = get_method("grape")(cost=cost, **UNGUARDED)
-    plan = method.plan({0: redundant, 1: other}, limits, ratio=0.5)
+    plan = method.plan({0: redundant, 1: other}, limits, Budget(ratio=0.5))
     for kept in plan.keep.values():
         assert len(kept) >= 4
         assert sum(e < 4 for e in kept) == sum(e >= 4 for e in kept)
@@ -254,7 +254,7 @@ def test_zero_tokens_and_layers_at_top_k_just_work(make_layer):
     at_top_k, _ = make_layer(2, tokens=10, layer=1)
     normal, _ = make_layer(8, tokens=10, layer=2)
     limits = {0: LayerLimits(8, 2), 1: LayerLimits(2, 2), 2: LayerLimits(8, 2)}
-    plan = get_method("grape")().plan({0: empty, 1: at_top_k, 2: normal}, limits, keep_experts=2)
+    plan = get_method("grape")().plan({0: empty, 1: at_top_k, 2: normal}, limits, Budget(keep_experts=2))
     assert [len(k) for k in plan.keep.values()] == [2, 2, 2]
 
 

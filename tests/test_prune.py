@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 from tiny_models import build_tiny_model, write_calibration_text
 
 from grape.cli import main
-from grape.model_io import CheckpointError, LazyCausalLM
 
 ALL_METHODS = ["random", "frequency", "soft_activation", "ean", "reap", "naee", "global_soft_activation", "grape"]
 
@@ -118,19 +117,6 @@ def test_existing_output_dir_refused(model_dir, calib, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_corrupt_and_truncated_safetensors(model_dir, tmp_path):
-    import shutil
-
-    for damage in ("truncate", "garbage"):
-        bad = tmp_path / damage
-        shutil.copytree(model_dir, bad)
-        weights = bad / "model.safetensors"
-        data = weights.read_bytes()
-        weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 10)
-        with pytest.raises(CheckpointError, match="safetensors"):
-            LazyCausalLM.open(bad)
-
-
 def test_nan_during_calibration_names_the_layer(model_dir, calib, tmp_path, capsys):
     import shutil
 
@@ -157,7 +143,7 @@ def test_interrupted_run_leaves_nothing_and_rerun_succeeds(model_dir, calib, tmp
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     cache = tmp_path / "cache" / "stats"
-    while time.time() < deadline and not list(cache.glob("*/layer_0000.pt")):
+    while time.time() < deadline and not list(cache.glob("*/layer_0000.safetensors")):
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) != 0
