@@ -7,16 +7,23 @@ and CPU time; end-to-end numbers against transformers are in benchmarks/RESULTS.
   per-expert ``one_hot``/``where`` scans of transformers' eager path, and the Python-level
   work is one loop over the experts that actually received tokens. Experts with no tokens cost
   nothing, which is what makes a pruned layer with a few hot experts cheap.
-- Each expert's tokens are a contiguous slice of one gathered (S, H) matrix, so each GEMM
-  writes into a slice of one output buffer (no per-expert allocation, no ``cat``), and gate and
-  up come out of one fused (S, 2I) GEMM. Where every expert would use plain ``torch.mm``, and
-  on small layers always, one ``grouped_mm`` call runs that loop in C++ (5-10% faster than a
-  Python loop on small layers).
-- The GEMM formulation is chosen per expert by its row count (``_linear_into``). For float32,
-  MKL's sgemm (what ``torch.mm`` uses) is slow for a few rows against a large weight; oneDNN's
-  matmul is 1.3-1.9x faster from 4 rows up on weights of >= 2M elements, and for 2-3 rows the
-  weight-major product ``W @ x.T`` (the GEMV-like case MKL handles well) is 1.5-3x faster than
-  ``x @ W.T``. bfloat16 GEMMs go through oneDNN, whose single-row GEMV is 2x slower than
+- Each expert's tokens are a contiguous slice of one gathered (S, H) matrix, and gate and up
+  come out of one fused (S, 2I) GEMM. On plain weights each GEMM writes into a slice of one
+  output buffer (oneDNN's packed product has no ``out=``: its per-expert results are joined
+  by one ``cat`` per projection, 1% of the time at 1024 tokens). Where every expert would use
+  plain ``torch.mm``, and on small layers always, one ``grouped_mm`` call runs that loop in
+  C++ (5-10% faster than a Python loop on small layers).
+- Each expert's GEMMs run oneDNN's product on weights packed once for it (``ops.cpu_prepack``:
+  made on first use, kept while the weights are unchanged, within a memory budget), the
+  fastest formulation measured at every row count, 1.2-3x the unpacked ones on a
+  Mixtral-shaped layer; only bfloat16 decode steps on small experts keep ATen's GEMV on the
+  plain weights (lower per-call cost there). Without packed copies (budget spent, float16, no
+  oneDNN) the formulations below apply.
+- The GEMM formulation on plain weights is chosen per expert by its row count
+  (``_linear_into``). For float32, MKL's sgemm (what ``torch.mm`` uses) is slow for a few
+  rows against a large weight; oneDNN's matmul is 1.3-1.9x faster from 4 rows up on weights
+  of >= 2M elements, and for 2-3 rows the weight-major product ``W @ x.T`` (the GEMV-like
+  case MKL handles well) is 1.5-3x faster than ``x @ W.T``. bfloat16 GEMMs go through oneDNN, whose single-row GEMV is 2x slower than
   ATen's own, so one-row bfloat16 products (decoding) use ATen's.
 - The weighted top-k sum is one ``index_add_`` into a float32 accumulator (4x faster than
   un-permuting and summing over k, and it rounds bfloat16 only once, at the end).
