@@ -100,10 +100,32 @@ def _write_config(lazy: LazyCausalLM, directory: Path, counts: list[int | None])
     setattr(config, GRAPE_COUNTS_KEY, counts)
     setattr(config, GRAPE_LAYOUT_KEY, {"block_attr": adapter.block_attr, "router_attr": adapter.router_attr})
     setattr(config, adapter.count_key, max(moe_counts))
+    _write_per_layer_config(config, adapter.count_key, counts)
     base = type(lazy.model).__name__
     config.auto_map = {"AutoModelForCausalLM": f"modeling_grape.Grape{base}"}
     config.dtype = lazy.checkpoint_dtype
     config.save_pretrained(directory)
+
+
+def _write_per_layer_config(config, count_key: str, counts: list[int | None]) -> None:
+    """The counts again in transformers' heterogeneous-config form (``per_layer_config``, 5.24+).
+
+    transformers' MoE classes do not read it yet; writing it keeps grape checkpoints loadable as
+    they adopt it. Measured: grape's loader, transformers with remote code and the vLLM plugin
+    give the same outputs with it. ``allow_global_per_layer_attribute_access`` lets code that
+    reads the scalar count (transformers' own ``__init__``, vLLM) get the maximum instead of an
+    error; layers at the maximum need no entry. Other attributes a source varies are kept.
+    """
+    overrides = {int(i): dict(v) for i, v in (config.to_dict().get("per_layer_config") or {}).items()}
+    top = max(c for c in counts if c is not None)
+    for i, count in enumerate(counts):
+        overrides.setdefault(i, {}).pop(count_key, None)
+        if count is not None and count != top:
+            overrides[i][count_key] = count
+    overrides = {i: v for i, v in overrides.items() if v}
+    if overrides or hasattr(config, "per_layer_config"):
+        config.allow_global_per_layer_attribute_access = True
+        config.per_layer_config = overrides
 
 
 def _write_modeling_file(lazy: LazyCausalLM, directory: Path) -> None:

@@ -307,12 +307,29 @@ def _experts_from_config(config, adapter: MoEAdapter, config_path: Path) -> list
                 f"{config_path}: '{GRAPE_COUNTS_KEY}' must list one positive count (or null for a dense "
                 f"layer) per decoder layer ({n_layers}), got {per_layer!r}"
             )
+        _check_per_layer_config(config, adapter.count_key, per_layer, config_path)
         return list(per_layer)
     if not isinstance(getattr(config, adapter.count_key, None), int):
         raise CheckpointError(f"{config_path} has no integer {adapter.count_key!r}")
     moe_layers = set(adapter.moe_layer_indices(config))
     count = adapter.num_experts(config)
     return [count if i in moe_layers else None for i in range(n_layers)]
+
+
+def _check_per_layer_config(config, count_key: str, counts: list[int | None], config_path: Path) -> None:
+    """transformers' ``per_layer_config`` (written beside grape's list) must not say otherwise."""
+    overrides = config.to_dict().get("per_layer_config") or {}
+    top = max((c for c in counts if c is not None), default=None)
+    for key, layer in overrides.items():
+        said = layer.get(count_key) if isinstance(layer, dict) else None
+        if said is None:
+            continue
+        i = int(key) if str(key).isdigit() else -1
+        if not 0 <= i < len(counts) or said != (counts[i] or top):
+            raise CheckpointError(
+                f"{config_path}: per_layer_config gives layer {key} {said} routed experts, "
+                f"'{GRAPE_COUNTS_KEY}' gives {counts[i] if 0 <= i < len(counts) else 'no such layer'}"
+            )
 
 
 def read_layout(path: str | Path) -> CheckpointLayout:
