@@ -87,7 +87,7 @@ class PrunePipeline(Pipeline):
         o = self.options
         self.stats: dict[int, LayerStats] = collect_layer_stats(
             self.lazy, self.ids, sample_tokens=o.sample_tokens, batch_size=o.batch_size, seed=o.seed,
-            cache_dir=default_cache_dir(), use_cache=o.use_cache,
+            cache_dir=default_cache_dir(), use_cache=o.use_cache, max_memory=o.max_memory,
         )  # fmt: skip
 
     def plan(self) -> None:
