@@ -10,7 +10,7 @@ checkpoint and the output afterwards. Not a CI test: it needs ~25 GB of disk and
 
 Example (the README's numbers; check ``df -h`` and ``free -g`` first)::
 
-    python benchmarks/deepseek_v3_prune.py /work/big/deepseek-v3 --max-memory 8GB --delete
+    python benchmarks/deepseek_v3_prune.py /work/big/deepseek-v3 --max-memory 6GB --delete
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ def _prepare(layer_dir: Path, vocab: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("layer_dir", type=Path, help="where the layer is (or is built); outside the repo")
-    parser.add_argument("--max-memory", default="8GB")
-    parser.add_argument("--calib-samples", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=32)
-    parser.add_argument("--sample-tokens", type=int, default=64)
+    parser.add_argument("--max-memory", default="6GB")
+    parser.add_argument("--calib-samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--sample-tokens", type=int, default=128)
     parser.add_argument("--experts-ratio", default="0.5")
     parser.add_argument("--delete", action="store_true", help="remove the layer, its calibration text and the output afterwards")
     args = parser.parse_args()

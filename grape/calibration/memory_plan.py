@@ -10,7 +10,7 @@ dry run predicts a run's peak from the same function, so the two cannot disagree
 What the prediction assumes (bytes of the running process, for one MoE layer at a time):
 
 - ``PROCESS_BYTES`` for the interpreter with torch, transformers and grape imported and the
-  model skeleton built on the meta device (measured on this project's CI machine);
+  model skeleton built on the meta device, with head-room for one-tensor transients;
 - the layer's weights other than the routed experts (attention, router, shared experts, norms)
   in the working dtype;
 - the activations: the hidden states entering and leaving the layer (working dtype), the
@@ -38,8 +38,9 @@ from grape.errors import InputError
 __all__ = ["PROCESS_BYTES", "GRAM_CHUNK_BYTES", "LayerMemory", "calibration_bytes", "experts_per_group"]
 
 PROCESS_BYTES = 900 * 2**20
-"""Resident bytes before any weight is read: Python, torch, transformers, grape and the meta
-skeleton (about 0.7 GB measured, rounded up for allocator slack and small transients)."""
+"""Resident bytes besides the terms of :class:`LayerMemory`: Python, torch, transformers, grape
+and the meta skeleton (0.5 GB measured after opening a model), plus head-room for allocator
+slack and one-tensor transients (a per-expert tensor being read and dequantized)."""
 
 GRAM_CHUNK_BYTES = 64 * 2**20
 """Largest float32 block of sampled expert outputs turned into Gram matrices at once."""

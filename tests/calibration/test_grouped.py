@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quant_models import build_fp8_checkpoint
-from tiny_models import build_tiny_model
+from quant_models import build_fp8_checkpoint, build_mxfp4_checkpoint
+from tiny_models import build_tiny_model, write_calibration_text
 
 from grape.calibration import collect
 from grape.calibration.collect import collect_layer_stats, layer_memory
@@ -63,8 +63,12 @@ def test_groups_of_any_size_give_the_whole_layer_statistics(arch, tmp_path, monk
         _assert_equal(grouped, whole)
 
 
-def test_fp8_source_grouped_equals_whole(tmp_path, monkeypatch):
-    model_dir = build_fp8_checkpoint("deepseek_v3", tmp_path / "fp8", seed=int(torch.randint(0, 10_000, ())))
+@pytest.mark.parametrize("source", ["fp8 deepseek_v3", "fp8 qwen3_moe", "mxfp4 gpt_oss"])
+def test_quantized_source_grouped_equals_whole(source, tmp_path, monkeypatch):
+    """Per-expert FP8 tensors dequantized a group at a time, and rows of MXFP4 blocks/scales."""
+    seed = int(torch.randint(0, 10_000, ()))
+    fmt, arch = source.split()
+    model_dir = build_fp8_checkpoint(arch, tmp_path / "q", seed=seed) if fmt == "fp8" else build_mxfp4_checkpoint(tmp_path / "q", seed=seed)
     ids = torch.randint(0, 200, (3, 8), generator=torch.Generator().manual_seed(1))
     whole, _ = _calibrate(model_dir, ids, tmp_path, None, monkeypatch)
     grouped, sizes = _calibrate(model_dir, ids, tmp_path, 2, monkeypatch)
@@ -105,9 +109,16 @@ def test_group_size_is_the_largest_that_fits():
         experts_per_group(memory, calibration_bytes(memory, 1) - 1)
 
 
-def test_a_budget_too_small_is_refused_before_any_layer_runs(tmp_path, monkeypatch):
+def test_a_budget_too_small_is_one_line_before_any_layer_runs(tmp_path, monkeypatch, capsys):
+    from grape.cli import main
+
     model_dir = build_tiny_model("mixtral", tmp_path / "model")
-    lazy = LazyCausalLM.open(model_dir)
+    calib = write_calibration_text(tmp_path / "calib.txt")
     monkeypatch.setattr(collect, "run_layerwise", lambda *a, **k: pytest.fail("ran a layer"))
-    with pytest.raises(InputError, match="even one expert at a time"):
-        collect_layer_stats(lazy, torch.zeros(1, 4, dtype=torch.long), cache_dir=tmp_path, max_memory=10**6)
+    command = ["prune", str(model_dir), "--method", "grape", "--experts-ratio", "0.25", "--calib", str(calib),
+               "--calib-samples", "4", "--seq-len", "16", "--max-memory", "100MB", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "even one expert at a time" in lines[0] and "--max-memory" in lines[0], err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
