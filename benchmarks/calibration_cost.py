@@ -10,8 +10,8 @@ reads each layer's weights from disk, as a real run does.
 
 Example (the README's numbers)::
 
-    python benchmarks/calibration_cost.py ../shared/models/mixtral-8x-pydoc --samples 16 --seq-len 512
-    python benchmarks/calibration_cost.py --tiny mixtral --samples 16 --seq-len 128
+    OMP_NUM_THREADS=1 python benchmarks/calibration_cost.py ../shared/models/mixtral-8x-pydoc --samples 16 --seq-len 512
+    OMP_NUM_THREADS=1 python benchmarks/calibration_cost.py --tiny mixtral --samples 64 --seq-len 128 --rounds 5
 """
 
 from __future__ import annotations

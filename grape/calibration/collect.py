@@ -1,11 +1,13 @@
 """Collect :class:`~grape.stats.LayerStats` for every MoE layer, with an on-disk cache.
 
-For each MoE layer the block's input tokens are captured with a forward pre-hook while the
-runner executes the layer. Routing ids and weights come from the model's own router module
-(exactly what the model does); the full score distribution from the router logits. Every
-expert is evaluated on the tokens routed to it (frequency, EAN, REAP sums) and, for a fixed
-random sample of tokens, *every* expert is evaluated on the same tokens to build per-token
-output Gram matrices: the raw material of GRAPE's redundancy and NAEE's reconstruction error.
+For each MoE layer, calibration stands in for the block's experts module while the runner
+executes the layer: it receives the block's inputs with the ids and weights the model's own
+router chose (exactly what the model does; the full score distribution comes from the router
+logits). Every expert is evaluated on the tokens routed to it (frequency, EAN, REAP sums, and
+the block's routed output, computed once for both) and, for a fixed random sample of tokens,
+*every* expert is evaluated on the same tokens to build per-token output Gram matrices: the raw
+material of GRAPE's redundancy and NAEE's reconstruction error. The routed experts are read in
+groups that fit the memory budget (:mod:`grape.calibration.memory_plan`, :func:`measure_layer`).
 
 Statistics are cached per layer under a key of (model weights, calibration ids, settings), so
 an interrupted calibration resumes from the last finished layer and re-running with another
@@ -86,19 +88,20 @@ class _LayerStatsCollector:
         residual = self._residual if self._residual is not None and self._residual.shape[0] == x.shape[0] else x
         logits = self.adapter.router_logits(self.block, x).float()
         gates = weights.float()
+        flat_ids = ids.reshape(-1).cpu()  # the sums live on the CPU whatever the device
         self.num_tokens += x.shape[0]
-        self.soft_mass += routing_scores(logits, self.spec).sum(0).double()
-        self.freq += torch.bincount(ids.reshape(-1), minlength=self.num_experts).double()
-        self.gate_mass.index_add_(0, ids.reshape(-1), gates.reshape(-1).double())
+        self.soft_mass += routing_scores(logits, self.spec).sum(0).double().cpu()
+        self.freq += torch.bincount(flat_ids, minlength=self.num_experts).double()
+        self.gate_mass.index_add_(0, flat_ids, gates.reshape(-1).double().cpu())
         have = sum(b.pick.numel() for b in self.batches)
         take = min(self.sample_tokens - have, x.shape[0])
-        pick = torch.randperm(x.shape[0], generator=self.generator)[:take] if take > 0 else ids.new_zeros(0)
+        pick = torch.randperm(x.shape[0], generator=self.generator)[:take] if take > 0 else torch.zeros(0, dtype=torch.long)
         if pick.numel():
             dense = torch.zeros(pick.numel(), self.num_experts, dtype=torch.float64)
-            dense.scatter_(1, ids[pick], gates[pick].double())
-            self.samples.append((logits[pick].double(), dense, residual[pick].double().pow(2).sum(-1)))
+            dense.scatter_(1, ids[pick].cpu(), gates[pick].double().cpu())
+            self.samples.append((logits[pick].double().cpu(), dense, residual[pick].double().pow(2).sum(-1).cpu()))
         sample_out = x.new_empty(pick.numel(), self.num_experts, x.shape[-1])
-        batch = _Batch(x, ids, weights, pick, sample_out, torch.zeros(x.shape, dtype=torch.float32))
+        batch = _Batch(x, ids, weights, pick, sample_out, torch.zeros(x.shape, dtype=torch.float32, device=x.device))
         self.batches.append(batch)
         return batch
 
@@ -116,8 +119,8 @@ class _LayerStatsCollector:
                 token_idx, slot = slots // top_k, slots % top_k
                 out = expert_forward(experts, local, batch.x[token_idx])
                 norms = out.float().norm(dim=-1).double()
-                self.out_norm_sum[e] += norms.sum()
-                self.gated_out_norm_sum[e] += (norms * batch.weights[token_idx, slot].double()).sum()
+                self.out_norm_sum[e] += float(norms.sum())
+                self.gated_out_norm_sum[e] += float((norms * batch.weights[token_idx, slot].double()).sum())
                 batch.routed.index_add_(0, token_idx, (out * batch.weights[token_idx, slot, None]).float())
             if sample_x is not None:
                 batch.sample_out[:, e] = expert_forward(experts, local, sample_x)
@@ -135,7 +138,7 @@ class _LayerStatsCollector:
             per_token = max(1, GRAM_CHUNK_BYTES // max(1, self.num_experts * batch.sample_out.shape[-1] * 4))
             for chunk in batch.sample_out.split(per_token):
                 outs = chunk.float()
-                grams.append(torch.bmm(outs, outs.transpose(1, 2)).double())
+                grams.append(torch.bmm(outs, outs.transpose(1, 2)).double().cpu())
             batch.sample_out = batch.sample_out[:0]
         return torch.cat(grams)
 
