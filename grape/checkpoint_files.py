@@ -23,9 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from grape.errors import InputError
+from grape.quant.formats import QuantFormat, TensorInfo, check_tensors, detect_format
+from grape.quant.layout import read_mxfp4_experts, read_parameter
+from grape.quant.mtp import mtp_layer_indices
+from grape.tensor_io import TORCH_DTYPES, read_tensor
 from grape_kernels.architectures import MoEAdapter, get_adapter
 from grape_kernels.ragged_modeling import GRAPE_COUNTS_KEY
 
@@ -38,6 +41,7 @@ __all__ = [
     "CheckpointLayout",
     "TOKENIZER_FILES",
     "load_config",
+    "source_format",
     "weight_files",
     "read_header",
     "read_layout",
@@ -58,11 +62,7 @@ DTYPE_BITS = {
 }  # fmt: skip
 """Bits per element of every dtype string a safetensors header can carry."""
 
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}  # fmt: skip
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 """The safetensors dtype string of every torch dtype a written tensor may have."""
 
 PER_EXPERT_PARTS = {
@@ -94,6 +94,7 @@ _ROUTED = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:.+\.)?experts\.(?:(\d+)\.)?([^.
 _ATTENTION = re.compile(r"(?:^|\.)(self_attn|attention|attn)\.")
 _PARTS_OF = {kind: {name for layout in layouts for name in layout} for kind, layouts in PER_EXPERT_PARTS.items()}
 _INDEX = "model.safetensors.index.json"
+_FLOAT_AND_INDEX = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "BOOL"}
 
 
 def tensor_type(name: str) -> str:
@@ -116,6 +117,11 @@ class TensorEntry:
     name: str
     shape: tuple[int, ...]
     dtype: str
+    offset: int = 0  # of the tensor's first byte in the file
+
+    def read(self, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The stored tensor (or rows ``start:stop`` of it), read with plain file I/O (:mod:`grape.tensor_io`)."""
+        return read_tensor(self.file, self.offset, self.dtype, self.shape, rows)
 
     @property
     def numel(self) -> int:
@@ -164,6 +170,18 @@ def load_config(model_dir: Path):
         ) from exc
 
 
+def source_format(model_dir: Path) -> QuantFormat:
+    """The weight format ``model_dir/config.json`` declares, read from the file itself.
+
+    transformers' config keeps ``quantization_config`` only until a quantized model is loaded, so
+    the file is the one place that says it (and what a written checkpoint copies verbatim).
+
+    Raises:
+        grape.quant.formats.UnsupportedQuantizationError: a format grape does not read exactly.
+    """
+    return detect_format(_read_json(model_dir / "config.json"))
+
+
 def weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of a checkpoint and, if sharded, its tensor -> file map."""
     index = folder / _INDEX
@@ -200,7 +218,7 @@ def read_header(path: Path) -> list[TensorEntry]:
             dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
             if dtype not in DTYPE_BITS:
                 raise ValueError(f"tensor {name} has unknown dtype {dtype}")
-            entry = TensorEntry(path, name, shape, dtype)
+            entry = TensorEntry(path, name, shape, dtype, 8 + length + start)
             if end - start != entry.nbytes or 8 + length + end > size:
                 raise ValueError(f"tensor {name} needs bytes {start}..{end} past the data's {size - 8 - length}")
             entries.append(entry)
@@ -218,10 +236,18 @@ def _name_variants(name: str) -> list[str]:
 
 
 class CheckpointIndex:
-    """Which file holds which tensor (headers checked up front), and reading tensors by name."""
+    """Which file holds which tensor (headers checked up front), and reading tensors by name.
 
-    def __init__(self, model_dir: Path):
+    Reads are plain file reads of exactly the bytes asked for (:mod:`grape.tensor_io`): no shard
+    stays memory-mapped, so a finished layer's pages are not part of the process's memory.
+    ``fmt`` is the checkpoint's weight format (:func:`grape.quant.formats.detect_format`): an FP8
+    weight is dequantized with its ``weight_scale_inv`` and GPT-OSS's MXFP4 expert blocks with
+    their scales, bit for bit as transformers does (:mod:`grape.quant.layout`).
+    """
+
+    def __init__(self, model_dir: Path, fmt: QuantFormat | None = None):
         self.model_dir = model_dir
+        self.format = fmt or QuantFormat()
         files, weight_map = weight_files(model_dir)
         self.entries: dict[str, TensorEntry] = {}
         for path in files:
@@ -232,7 +258,7 @@ class CheckpointIndex:
             raise CheckpointError(
                 f"{len(missing)} tensor(s) listed in {_INDEX} are not in their shard, e.g. {missing[:3]}"
             )
-        self._handles = {path: safe_open(str(path), framework="pt") for path in files}
+        self._files = files
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries
@@ -241,16 +267,27 @@ class CheckpointIndex:
         return list(self.entries)
 
     def files(self) -> list[Path]:
-        return list(self._handles)
+        return list(self._files)
+
+    def tensor_infos(self) -> dict[str, TensorInfo]:
+        """Every tensor's header dtype and shape, as :func:`grape.quant.formats.check_tensors` takes them."""
+        return {name: TensorInfo(e.dtype, e.shape) for name, e in self.entries.items()}
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handles[self.entries[key].file].get_tensor(key)
+        """Checkpoint tensor ``key`` exactly as stored."""
+        return self.entries[key].read()
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (first dimension) of checkpoint tensor ``key``, reading only those bytes."""
+        return self.entries[key].read((start, stop))
 
     def sources_for(self, param_name: str) -> list[str] | None:
         """Checkpoint keys that make up module parameter ``param_name`` (None when absent)."""
         for candidate in _name_variants(param_name):
             if candidate in self:
                 return [candidate]
+            if f"{candidate}_blocks" in self:  # MXFP4 experts (GPT-OSS): blocks + scales
+                return [f"{candidate}_blocks", f"{candidate}_scales"]
         for candidate in _name_variants(param_name):
             head, _, leaf = candidate.rpartition(".experts.")
             for parts in PER_EXPERT_PARTS.get(leaf, ()):
@@ -267,17 +304,56 @@ class CheckpointIndex:
             index += 1
         return keys
 
-    def load(self, param_name: str) -> torch.Tensor | None:
-        """The tensor for module parameter ``param_name``, stacking per-expert tensors if needed."""
+    def is_quantized(self, key: str) -> bool:
+        """Whether checkpoint tensor ``key`` is stored in a quantized format (bytes that need their scales)."""
+        return key.endswith(("_blocks", "_scales", "_scale_inv")) or self.entries[key].dtype not in _FLOAT_AND_INDEX
+
+    def load(self, param_name: str, dtype: torch.dtype | None = None, experts: range | None = None) -> torch.Tensor | None:
+        """The tensor for module parameter ``param_name`` (None when the checkpoint has none).
+
+        Per-expert tensors are stacked into the fused parameter and quantized ones dequantized,
+        straight into ``dtype`` (floating-point results only; None keeps an unquantized tensor's
+        stored dtype). ``experts`` reads only that contiguous range of a routed-experts parameter.
+        """
         keys = self.sources_for(param_name)
         if keys is None:
             return None
+        if keys[0].endswith("_blocks"):
+            if dtype is None:
+                raise CheckpointError(f"{param_name} is stored as MXFP4; it is read only into a given floating-point dtype")
+            return read_mxfp4_experts(self, keys[0].removesuffix("_blocks"), dtype, experts)
         if len(keys) == 1 and self.entries[keys[0]].expert is None:
-            return self.get(keys[0])
+            key = keys[0]
+            if experts is None:
+                return self._read(key, dtype)
+            value = self.get_rows(key, experts.start, experts.stop)
+            return value.to(dtype) if dtype is not None and value.is_floating_point() else value
+        return self._stacked(param_name, keys, dtype, experts)
+
+    def _read(self, key: str, dtype: torch.dtype | None) -> torch.Tensor:
+        if dtype is None:
+            if self.is_quantized(key) or f"{key}_scale_inv" in self:
+                raise CheckpointError(f"{key} is stored quantized; it is read only into a given floating-point dtype")
+            return self.get(key)
+        return read_parameter(self, key, self.format, dtype)
+
+    def _stacked(self, param_name: str, keys: list[str], dtype: torch.dtype | None, experts: range | None) -> torch.Tensor:
+        """Per-expert tensors ``[expert j: part 0, part 1, ...]`` as one (E, rows, cols) tensor, filled in place."""
         leaf = param_name.rpartition(".experts.")[2]
         per_expert = len(PER_EXPERT_PARTS[leaf][0])
-        tensors = [self.get(k) for k in keys]
-        return torch.stack([torch.cat(tensors[i : i + per_expert], dim=0) for i in range(0, len(tensors), per_expert)])
+        count = len(keys) // per_expert
+        experts = experts if experts is not None else range(count)
+        parts = [self.entries[k] for k in keys[:per_expert]]
+        rows = sum(p.shape[0] for p in parts)
+        stored = TORCH_DTYPES[parts[0].dtype]
+        out = torch.empty((len(experts), rows, parts[0].shape[1]), dtype=dtype or stored)
+        for slot, expert in enumerate(experts):
+            start = 0
+            for key in keys[expert * per_expert : (expert + 1) * per_expert]:
+                value = self._read(key, dtype)
+                out[slot, start : start + value.shape[0]] = value
+                start += value.shape[0]
+        return out
 
 
 @dataclass(frozen=True)
@@ -290,6 +366,7 @@ class CheckpointLayout:
     files: list[Path]
     tensors: list[TensorEntry]
     experts: list[int | None]  # routed experts per decoder layer (None: dense)
+    format: QuantFormat  # the weight format config.json declares
 
 
 def _experts_from_config(config, adapter: MoEAdapter, config_path: Path) -> list[int | None]:
@@ -307,12 +384,29 @@ def _experts_from_config(config, adapter: MoEAdapter, config_path: Path) -> list
                 f"{config_path}: '{GRAPE_COUNTS_KEY}' must list one positive count (or null for a dense "
                 f"layer) per decoder layer ({n_layers}), got {per_layer!r}"
             )
+        _check_per_layer_config(config, adapter.count_key, per_layer, config_path)
         return list(per_layer)
     if not isinstance(getattr(config, adapter.count_key, None), int):
         raise CheckpointError(f"{config_path} has no integer {adapter.count_key!r}")
     moe_layers = set(adapter.moe_layer_indices(config))
     count = adapter.num_experts(config)
     return [count if i in moe_layers else None for i in range(n_layers)]
+
+
+def _check_per_layer_config(config, count_key: str, counts: list[int | None], config_path: Path) -> None:
+    """transformers' ``per_layer_config`` (written beside grape's list) must not say otherwise."""
+    overrides = config.to_dict().get("per_layer_config") or {}
+    top = max((c for c in counts if c is not None), default=None)
+    for key, layer in overrides.items():
+        said = layer.get(count_key) if isinstance(layer, dict) else None
+        if said is None:
+            continue
+        i = int(key) if str(key).isdigit() else -1
+        if not 0 <= i < len(counts) or said != (counts[i] or top):
+            raise CheckpointError(
+                f"{config_path}: per_layer_config gives layer {key} {said} routed experts, "
+                f"'{GRAPE_COUNTS_KEY}' gives {counts[i] if 0 <= i < len(counts) else 'no such layer'}"
+            )
 
 
 def read_layout(path: str | Path) -> CheckpointLayout:
@@ -331,11 +425,14 @@ def read_layout(path: str | Path) -> CheckpointLayout:
         raise CheckpointError(f"{folder} has no config.json")
     config = load_config(folder)
     adapter = get_adapter(config)
+    fmt = source_format(folder)
     experts = _experts_from_config(config, adapter, folder / "config.json")
     files, weight_map = weight_files(folder)
     tensors = [entry for file in files for entry in read_header(file)]
+    check_tensors(fmt, {t.name: TensorInfo(t.dtype, t.shape) for t in tensors})
+    extra = mtp_layer_indices(config)  # DeepSeek's MTP layers follow the decoder layers
     for t in tensors:
-        if t.layer is not None and t.layer >= len(experts):
+        if t.layer is not None and t.layer >= len(experts) and t.layer not in extra:
             raise CheckpointError(
                 f"{t.file}: tensor {t.name} belongs to layer {t.layer}, but the config has {len(experts)} decoder layers"
             )
@@ -355,4 +452,4 @@ def read_layout(path: str | Path) -> CheckpointLayout:
                 f"{folder}: layer {i} should have {expected} routed experts according to config.json, "
                 f"but its weights hold {found or 'none'}"
             )
-    return CheckpointLayout(folder, config, adapter, files, tensors, experts)
+    return CheckpointLayout(folder, config, adapter, files, tensors, experts, fmt)

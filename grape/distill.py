@@ -44,6 +44,7 @@ from grape.distill_training import TrainingSettings, train_experts
 from grape.errors import InputError, OutputExistsError
 from grape.model_io import LazyCausalLM
 from grape.pipeline import CommonOptions, Pipeline, run_pipeline, stage_labels
+from grape.quant.formats import refuse_training
 from grape.report import previous_report
 from grape.training_state import STATE_FILE
 
@@ -102,6 +103,7 @@ class DistillPipeline(Pipeline):
         if not (math.isfinite(o.lam) and o.lam >= 0):
             raise InputError(f"lambda must be a non-negative number, got {o.lam}")
         super().open()
+        refuse_training(self.lazy.format, f"the student {self.lazy.model_dir}")
         self.teacher = LazyCausalLM.open(o.teacher)
 
     @property

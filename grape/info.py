@@ -12,14 +12,11 @@ chunk whatever the checkpoint size.
 
 from __future__ import annotations
 
-import math
 import os
-from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
 from grape.checkpoint_files import TENSOR_TYPES, TensorEntry, read_layout
+from grape.quant.formats import MXFP4, QuantFormat, TensorInfo, logical_parameters
 
 __all__ = ["RATIO_KEYS", "model_info", "compare_info"]
 
@@ -27,17 +24,25 @@ __all__ = ["RATIO_KEYS", "model_info", "compare_info"]
 _ZERO_COUNT_CHUNK = 1 << 24
 
 
-def _count_zeros(handle, name: str, shape: list[int]) -> int:
-    """Exact zeros (+0.0 and -0.0) of one tensor, read in chunks of rows."""
-    numel = math.prod(shape)
-    if not shape or numel <= _ZERO_COUNT_CHUNK:
-        chunks = [handle.get_tensor(name)]
+def _count_zeros(t: TensorEntry, fmt: QuantFormat) -> int:
+    """Exact zero parameters (+0.0 and -0.0) of one tensor, read in chunks of rows.
+
+    FP8 codes are compared as values; an MXFP4 byte holds two E2M1 values, each zero when its
+    three magnitude bits are; block scales hold no parameters.
+    """
+    if logical_parameters(t.name, TensorInfo(t.dtype, t.shape), fmt) == 0:
+        return 0
+    packed = fmt.method == MXFP4 and t.name.endswith("_blocks")
+    if not t.shape or t.numel <= _ZERO_COUNT_CHUNK:
+        chunks = [t.read()]
     else:
-        part = handle.get_slice(name)
-        step = max(1, _ZERO_COUNT_CHUNK // (numel // shape[0]))
-        chunks = (part[start : start + step] for start in range(0, shape[0], step))
+        step = max(1, _ZERO_COUNT_CHUNK // (t.numel // t.shape[0]))
+        chunks = (t.read((start, min(start + step, t.shape[0]))) for start in range(0, t.shape[0], step))
     zeros = 0
     for chunk in chunks:
+        if packed:
+            zeros += int(((chunk & 0x07) == 0).sum()) + int(((chunk & 0x70) == 0).sum())
+            continue
         if chunk.dtype.is_floating_point and chunk.dtype.itemsize == 1:
             chunk = chunk.float()  # float8 comparisons are not implemented on every backend
         zeros += int((chunk == 0).sum())
@@ -51,20 +56,16 @@ def _group_by_layer(tensors: list[TensorEntry]) -> dict[int | None, list[TensorE
     return groups
 
 
-def _add_sparsity(info: dict[str, Any], tensors: list[TensorEntry], files: list[Path]) -> None:
-    """Count exact zeros file by file, tensor by tensor, and add the fractions to ``info``."""
-    zeros_of: dict[str, int] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for t in tensors:
-                if t.file == file:
-                    zeros_of[t.name] = _count_zeros(handle, t.name, list(t.shape))
+def _add_sparsity(info: dict[str, Any], tensors: list[TensorEntry], fmt: QuantFormat) -> None:
+    """Count exact zeros tensor by tensor, and add the fractions to ``info``."""
+    zeros_of = {t.name: _count_zeros(t, fmt) for t in tensors}
+    parameters_of = {t.name: logical_parameters(t.name, TensorInfo(t.dtype, t.shape), fmt) for t in tensors}
 
     def fractions(selected: list[TensorEntry]) -> dict[str, dict[str, Any]]:
         out = {}
         for kind in TENSOR_TYPES:
             of_kind = [t for t in selected if t.kind == kind]
-            zeros, total = sum(zeros_of[t.name] for t in of_kind), sum(t.numel for t in of_kind)
+            zeros, total = sum(zeros_of[t.name] for t in of_kind), sum(parameters_of[t.name] for t in of_kind)
             out[kind] = {
                 "zeros": zeros,
                 "parameters": total,
@@ -96,9 +97,11 @@ def model_info(path: str | os.PathLike[str], *, sparsity: bool = False) -> dict:
     into text.
 
     Returns a dict with ``path``, ``model_type``, ``architecture``, ``num_layers``, ``top_k``,
-    ``files``, ``parameters`` (all stored elements), ``tensor_bytes``, ``file_bytes`` (size on
-    disk, headers included), ``total_experts``, ``routed_expert_parameters``,
-    ``routed_expert_bytes``, ``dtypes`` (parameters per dtype) and ``layers``: one dict per
+    ``files``, ``parameters`` (model parameters: an FP8 code is one, an MXFP4 byte two, block
+    scales none), ``tensor_bytes``, ``file_bytes`` (size on disk, headers included),
+    ``total_experts``, ``routed_expert_parameters``, ``routed_expert_bytes``, ``dtypes``
+    (parameters per stored dtype), ``quantization`` (``"none"``, ``"fp8"`` or ``"mxfp4"``),
+    ``mtp_parameters`` (DeepSeek's MTP layers, kept whole by grape) and ``layers``: one dict per
     decoder layer with ``layer``, ``experts`` (None for a dense layer),
     ``expert_parameters`` and ``expert_bytes``. With ``sparsity``, each layer also has
     ``zero_fraction`` (all of its tensors) and ``zero_fraction_by_type``, and the model has
@@ -115,6 +118,10 @@ def model_info(path: str | os.PathLike[str], *, sparsity: bool = False) -> dict:
     folder, config, adapter, files, tensors = layout.folder, layout.config, layout.adapter, layout.files, layout.tensors
     n_layers = len(layout.experts)
     per_layer = _group_by_layer(tensors)
+
+    def parameters_of(selected: list[TensorEntry]) -> int:  # model parameters, not stored elements
+        return sum(logical_parameters(t.name, TensorInfo(t.dtype, t.shape), layout.format) for t in selected)
+
     layers = []
     for i, expected in enumerate(layout.experts):
         routed = [t for t in per_layer.get(i, []) if t.routed]
@@ -122,15 +129,16 @@ def model_info(path: str | os.PathLike[str], *, sparsity: bool = False) -> dict:
             {
                 "layer": i,
                 "experts": expected,
-                "expert_parameters": sum(t.numel for t in routed),
+                "expert_parameters": parameters_of(routed),
                 "expert_bytes": sum(t.nbytes for t in routed),
             }
         )
 
     dtypes: dict[str, int] = {}
     for t in tensors:
-        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.numel
-    parameters = sum(t.numel for t in tensors)
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + parameters_of([t])
+    parameters = parameters_of(tensors)
+    mtp = [t for t in tensors if t.layer is not None and t.layer >= n_layers]
     info: dict[str, Any] = {
         "path": str(folder),
         "model_type": config.model_type,
@@ -145,10 +153,12 @@ def model_info(path: str | os.PathLike[str], *, sparsity: bool = False) -> dict:
         "routed_expert_parameters": sum(layer["expert_parameters"] for layer in layers),
         "routed_expert_bytes": sum(layer["expert_bytes"] for layer in layers),
         "dtypes": dtypes,
+        "quantization": layout.format.method,
+        "mtp_parameters": parameters_of(mtp),
         "layers": layers,
     }
     if sparsity:
-        _add_sparsity(info, tensors, files)
+        _add_sparsity(info, tensors, layout.format)
     return info
 
 

@@ -20,6 +20,10 @@ def format_info(info: dict) -> str:
         f"routed experts: {info['total_experts']} in total, {info['routed_expert_parameters']:,} "
         f"parameters ({human_bytes(info['routed_expert_bytes'])})",
     ]
+    if info.get("quantization", "none") != "none":
+        lines.append(f"weights stored as {info['quantization']} (parameters counted as model parameters; bytes as stored)")
+    if info.get("mtp_parameters"):
+        lines.append(f"MTP layer(s): {info['mtp_parameters']:,} parameters (kept whole by grape)")
     if "sparsity" in info:
         sparsity = info["sparsity"]
         by_type = ", ".join(

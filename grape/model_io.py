@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from grape.checkpoint_files import CheckpointError, CheckpointIndex, load_config
+from grape.checkpoint_files import CheckpointError, CheckpointIndex, load_config, source_format
 from grape.errors import InputError
+from grape.quant.formats import QuantFormat, check_tensors
 from grape_kernels.architectures import MoEAdapter, get_adapter
 
 __all__ = ["LazyCausalLM", "resolve_model_path", "parse_dtype", "parse_device", "load_tokenizer", "check_positions"]
@@ -140,6 +141,11 @@ class LazyCausalLM:
         # the dtype the weights are stored in, which outputs keep whatever the working dtype
         self.checkpoint_dtype = checkpoint_dtype or dtype
 
+    @property
+    def format(self) -> QuantFormat:
+        """The checkpoint's weight format (unquantized, block-scaled FP8 or MXFP4)."""
+        return self.index.format
+
     @classmethod
     def open(
         cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
@@ -156,7 +162,11 @@ class LazyCausalLM:
         model_dir = resolve_model_path(str(name_or_path))
         config = load_config(model_dir)
         get_adapter(config)
-        index = CheckpointIndex(model_dir)
+        fmt = source_format(model_dir)
+        index = CheckpointIndex(model_dir, fmt)
+        check_tensors(fmt, index.tensor_infos())
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the skeleton holds dequantized weights, as transformers' does
         checkpoint_dtype = _config_dtype(config)
         dtype = dtype or checkpoint_dtype
         with init_empty_weights(include_buffers=False):
@@ -185,33 +195,36 @@ class LazyCausalLM:
         return name == "lm_head.weight" and bool(getattr(self.config, "tie_word_embeddings", False))
 
     # ---- materialisation -------------------------------------------------------------------
-    def materialize(self, module: nn.Module, prefix: str) -> None:
+    def materialize(self, module: nn.Module, prefix: str, *, exclude: str | None = None) -> None:
         """Load every parameter and persistent buffer of ``module`` (named ``prefix``) from disk.
 
         Floating-point parameters take the working dtype; buffers keep the checkpoint's dtype
         (e.g. DeepSeek's float32 correction bias). Buffers absent from the checkpoint keep the
-        value the module initialised them with.
+        value the module initialised them with. Tensors under the submodule ``exclude`` (a name
+        relative to ``module``) stay on the meta device.
         """
         skip = _non_persistent(module)
         tensors = list(module.named_parameters()) + [
             (n, b) for n, b in module.named_buffers() if n not in skip
         ]
+        if exclude is not None:
+            tensors = [(n, t) for n, t in tensors if not n.startswith(f"{exclude}.")]
         for name, current in tensors:
             full = f"{prefix}.{name}" if prefix else name
             if self._is_tied(full):
                 full = "model.embed_tokens.weight"
-            value = self.index.load(full)
+            is_param = isinstance(current, nn.Parameter)
+            # parameters take the working dtype (quantized ones are dequantized straight into it)
+            value = self.index.load(full, self.dtype if is_param and current.is_floating_point() else None)
             if value is None:
-                if isinstance(current, nn.Parameter):
+                if is_param:
                     raise CheckpointError(f"no tensor for {full} in {self.model_dir}")
                 continue
             if tuple(value.shape) != tuple(current.shape):
                 raise CheckpointError(
                     f"{full}: checkpoint shape {tuple(value.shape)} != model shape {tuple(current.shape)}"
                 )
-            is_param = isinstance(current, nn.Parameter)
-            dtype = self.dtype if (is_param and value.is_floating_point()) else value.dtype
-            _set_tensor(module, name, value.to(device=self.device, dtype=dtype))
+            _set_tensor(module, name, value.to(device=self.device))
 
     def release(self, module: nn.Module) -> None:
         """Return ``module``'s parameters to the meta device (free their memory)."""
@@ -221,15 +234,52 @@ class LazyCausalLM:
     def layer_prefix(self, index: int) -> str:
         return f"model.layers.{index}"
 
-    @contextlib.contextmanager
-    def materialized_layer(self, index: int) -> Iterator[nn.Module]:
-        """Decoder layer ``index`` with real weights for the duration of the ``with`` block."""
+    def experts_name(self, index: int) -> str | None:
+        """The routed-experts module of decoder layer ``index``, relative to the layer (None: dense)."""
         layer = self.adapter.decoder_layers(self.model)[index]
-        self.materialize(layer, self.layer_prefix(index))
+        return None if self.adapter.moe_block(layer) is None else f"{self.adapter.block_attr}.experts"
+
+    @contextlib.contextmanager
+    def materialized_layer(self, index: int, *, routed_experts: bool = True) -> Iterator[nn.Module]:
+        """Decoder layer ``index`` with real weights for the duration of the ``with`` block.
+
+        With ``routed_experts=False`` the routed experts stay on the meta device (attention,
+        router and shared experts are loaded): a layer too large for memory is then calibrated
+        and written one group of experts at a time (:meth:`materialized_experts`).
+        """
+        layer = self.adapter.decoder_layers(self.model)[index]
+        exclude = None if routed_experts else self.experts_name(index)
+        self.materialize(layer, self.layer_prefix(index), exclude=exclude)
         try:
             yield layer
         finally:
             self.release(layer)
+
+    @contextlib.contextmanager
+    def materialized_experts(self, index: int, experts: range) -> Iterator[nn.Module]:
+        """The routed-experts module of layer ``index`` holding only experts ``experts`` (local 0..n-1).
+
+        Only those experts' bytes are read (per-expert tensors, or rows of fused and MXFP4 ones);
+        afterwards the module is back on the meta device with its full shapes.
+        """
+        layer = self.adapter.decoder_layers(self.model)[index]
+        module = self.adapter.moe_block(layer).experts
+        prefix = f"{self.layer_prefix(index)}.{self.experts_name(index)}"
+        count = int(module.num_experts)
+        originals = dict(module.named_parameters(recurse=False))
+        try:
+            for name, meta in originals.items():
+                grouped = meta.dim() > 0 and meta.shape[0] == count
+                value = self.index.load(f"{prefix}.{name}", self.dtype, experts if grouped else None)
+                expected = (len(experts), *meta.shape[1:]) if grouped else tuple(meta.shape)
+                if value is None or tuple(value.shape) != expected:
+                    found = None if value is None else tuple(value.shape)
+                    raise CheckpointError(f"{prefix}.{name}: checkpoint rows {found} != expected {expected}")
+                _set_tensor(module, name, value.to(device=self.device))
+            yield module
+        finally:
+            for name, meta in originals.items():
+                module._parameters[name] = meta
 
     @property
     def num_layers(self) -> int:

@@ -47,6 +47,7 @@ from torch import nn
 from grape.checkpoint import estimated_bytes, expert_counts, write_checkpoint
 from grape.data import build_calibration_ids, load_texts, tokenize_documents
 from grape.errors import InputError
+from grape.layer_writer import ExpertEdit
 from grape.model_io import LazyCausalLM, check_positions, load_tokenizer, parse_dtype
 from grape.output_guard import claim_output
 from grape.report import previous_report, write_report
@@ -140,6 +141,14 @@ class Pipeline(ABC):
 
     def transform_layer(self, index: int, layer: nn.Module) -> None:  # noqa: B027  (a stage a command may leave out)
         """Change one materialised decoder layer before it is written (nothing by default)."""
+
+    def expert_edit(self, index: int) -> ExpertEdit | None:
+        """What :meth:`transform_layer` does to layer ``index``'s routed experts (None: anything).
+
+        Saying it lets the writer stream kept experts without materialising them (drop mode) and
+        keep a quantized source's bytes wherever they did not change (:mod:`grape.layer_writer`).
+        """
+        return None
 
     @abstractmethod
     def report_sections(self) -> dict[str, Any]:
@@ -240,7 +249,7 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, Any]:
             pipeline.plan()
         with clock("write"):
             counts_before, parameters_before = expert_counts(lazy.model, lazy), _parameters(lazy.model)
-            weight_files = write_checkpoint(lazy, claim.tmp, transform_layer=pipeline.transform_layer)
+            written = write_checkpoint(lazy, claim.tmp, transform_layer=pipeline.transform_layer, expert_edit=pipeline.expert_edit)
         with clock("report"):
             report: dict[str, Any] = {
                 "grape_version": __import__("grape").__version__,
@@ -254,8 +263,10 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, Any]:
                 "experts_per_layer": expert_counts(lazy.model, lazy),
                 "parameters_before": parameters_before,
                 "parameters_after": _parameters(lazy.model),
-                "bytes_on_disk": sum((claim.tmp / name).stat().st_size for name in weight_files),
+                "bytes_on_disk": sum((claim.tmp / name).stat().st_size for name in written.files),
             }
+            if written.quantization is not None:
+                report["quantization"] = written.quantization
             previous = previous_report(lazy.model_dir)
             if previous is not None:
                 report["previous_steps"] = previous.pop("previous_steps", []) + [previous]

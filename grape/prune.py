@@ -18,6 +18,7 @@ from grape.calibration.cache import default_cache_dir
 from grape.calibration.collect import collect_layer_stats, measure_layer
 from grape.calibration.runner import run_layerwise
 from grape.checkpoint import estimated_bytes, expert_counts
+from grape.layer_writer import ExpertEdit
 from grape.methods import get_method
 from grape.methods.base import ExpertPruningMethod, PruningPlan
 from grape.model_io import LazyCausalLM
@@ -86,7 +87,7 @@ class PrunePipeline(Pipeline):
         o = self.options
         self.stats: dict[int, LayerStats] = collect_layer_stats(
             self.lazy, self.ids, sample_tokens=o.sample_tokens, batch_size=o.batch_size, seed=o.seed,
-            cache_dir=default_cache_dir(), use_cache=o.use_cache,
+            cache_dir=default_cache_dir(), use_cache=o.use_cache, max_memory=o.max_memory,
         )  # fmt: skip
 
     def plan(self) -> None:
@@ -97,6 +98,14 @@ class PrunePipeline(Pipeline):
     def transform_layer(self, index: int, layer: nn.Module) -> None:
         if index in self.pruning.keep:
             self._apply(layer, index, self.pruning)
+
+    def expert_edit(self, index: int) -> ExpertEdit | None:
+        """Drop keeps experts' weights as they are; merge changes each target's (written from memory)."""
+        if index not in self.limits:
+            return None
+        keep = sorted(self.pruning.keep.get(index, range(self.limits[index].num_experts)))
+        targets = set((self.pruning.merge_into.get(index) or {}).values())
+        return ExpertEdit(kept=tuple(keep), changed=frozenset(keep.index(t) for t in targets))
 
     def _apply(self, layer: nn.Module, index: int, plan: PruningPlan) -> None:
         """Surgery on one materialised decoder layer according to ``plan``."""

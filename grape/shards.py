@@ -11,14 +11,15 @@ Everything goes through ordinary Python file I/O, so a full disk or a read-only 
 ``OSError`` with its errno (the command line explains it in one line), never a library error.
 The output is a deterministic function of the tensors: no timestamps, fixed key order.
 
-The next quantized formats (FP8 blocks, MXFP4) copy expert tensors unchanged in drop mode;
-they would enter through one more method that takes raw bytes with their safetensors dtype
-string and shape, next to :meth:`ShardWriter.add`, which converts torch tensors.
+Quantized tensors (FP8 codes and scales, MXFP4 blocks) are copied in their stored dtype
+(``add(..., dtype=...)``), and a tensor can be written in consecutive chunks
+(:meth:`ShardWriter.add_stream`), so a layer's fused experts never need to be whole in memory.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable
@@ -50,7 +51,7 @@ def header_bound(names_and_shapes: Iterable[tuple[str, Iterable[int]]]) -> int:
 class ShardWriter:
     """Writes tensors into ``shard-NNNNN.safetensors`` files in ``directory``, then names them.
 
-    Call :meth:`add` per tensor (or :meth:`add_all` per layer) and :meth:`finish` once: a single
+    Call :meth:`add` (or :meth:`add_stream`) per tensor and :meth:`finish` once: a single
     shard becomes ``model.safetensors``, several become ``model-0000i-of-0000n.safetensors`` with
     a ``model.safetensors.index.json``, the layout transformers writes and reads.
     """
@@ -67,34 +68,48 @@ class ShardWriter:
         self._header_used = 0
         self._offset = 0
 
-    def add_all(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Add a group of tensors (one layer), widest elements first so they stay aligned."""
-        for name in sorted(tensors, key=lambda n: -tensors[n].element_size()):
-            self.add(name, tensors[name])
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Write ``tensor`` (floating point converted to the checkpoint dtype) under ``name``."""
+    def add(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """Write ``tensor`` under ``name``: in ``dtype`` if given (e.g. a stored tensor copied as it
+        is), otherwise floating point converted to the checkpoint dtype."""
         tensor = tensor.detach().to("cpu")
-        if tensor.is_floating_point():
+        if dtype is not None:
+            tensor = tensor.to(dtype)
+        elif tensor.is_floating_point():
             tensor = tensor.to(self.dtype)
-        tensor = tensor.contiguous()
-        size = tensor.numel() * tensor.element_size()
-        entry = _entry(name, SAFETENSORS_DTYPES[tensor.dtype], tensor.shape, self._offset, self._offset + size)
+        self.add_stream(name, tensor.dtype, tuple(tensor.shape), [tensor])
+
+    def add_stream(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], chunks: Iterable[torch.Tensor]) -> None:
+        """Write one tensor of ``shape`` whose bytes come as consecutive ``chunks`` along dim 0.
+
+        The header entry is made from ``shape`` up front, so a tensor larger than memory (a
+        layer's fused experts, one expert at a time) is written without ever being whole.
+        """
+        size = math.prod(shape) * dtype.itemsize
+        code = SAFETENSORS_DTYPES[dtype]
+        entry = _entry(name, code, shape, self._offset, self._offset + size)
         full = bool(self._entries) and (
             self._offset + size > self.max_bytes or self._header_used + len(entry) + 1 > self.reserved - 8
         )
         if full:
             self._close_shard()
-            entry = _entry(name, SAFETENSORS_DTYPES[tensor.dtype], tensor.shape, 0, size)
+            entry = _entry(name, code, shape, 0, size)
         if self._file is None:
             self._open_shard()
         if self._header_used + len(entry) + 1 > self.reserved - 8:
             raise ValueError(f"the header entry of {name} does not fit the reserved {self.reserved} bytes")
-        if size:
-            try:
-                self._file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-            except OSError as exc:  # name the file: a bare ENOSPC does not say where
-                raise OSError(exc.errno, exc.strerror, self._file.name) from exc
+        written = 0
+        for chunk in chunks:
+            if chunk.dtype != dtype:
+                raise ValueError(f"{name}: a {chunk.dtype} chunk in a {dtype} tensor")
+            chunk = chunk.detach().to("cpu").contiguous()
+            if chunk.numel():
+                try:
+                    self._file.write(memoryview(chunk.reshape(-1).view(torch.uint8).numpy()))
+                except OSError as exc:  # name the file: a bare ENOSPC does not say where
+                    raise OSError(exc.errno, exc.strerror, self._file.name) from exc
+            written += chunk.numel() * chunk.element_size()
+        if written != size:
+            raise ValueError(f"{name}: {written} bytes were written for a tensor of {size}")
         self._entries.append(entry)
         self._header_used += len(entry) + 1
         self._offset += size

@@ -3,6 +3,8 @@
 Collected once per (model, calibration data) and cached on disk, so re-running with another
 method or budget skips all forward passes. Everything is float64 on the CPU: sums over many
 tokens lose precision in lower types, and the tensors are tiny (E, E x E, or a token sample).
+Each per-token Gram matrix is one float32 product of H-long expert outputs (exact enough: the
+outputs themselves are in the model's working dtype), summed and stored in float64.
 """
 
 from __future__ import annotations

@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def _targets(stage: str, command: str) -> tuple[object, str, int]:
     """(owner, attribute, call number after which the signal is sent)."""
-    if stage == "write":
-        import grape.shards
+    if stage == "write":  # the second layer's tensors are asked for once the first is written
+        import grape.checkpoint
 
-        return grape.shards.ShardWriter, "add_all", 1
+        return grape.checkpoint, "layer_tensors", 2
     if command == "prune":
         import grape.calibration.cache
 

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tiny_models import randomize_moe_weights, save_tiny_tokenizer, tiny_config
 
@@ -154,3 +155,24 @@ def build_mxfp4_checkpoint(directory: Path, *, seed: int = 0) -> Path:
             stored[key] = value
     saved_config["quantization_config"] = dict(MXFP4_CONFIG)
     return _write(directory, stored, saved_config)
+
+
+def mask_dropped_experts(model, arch: str, kept: dict[int, list[int]]) -> None:
+    """Make the source's routers never choose a dropped expert (the reference for the pruned model)."""
+    for layer_index, ids in kept.items():
+        block = model.model.layers[layer_index].mlp
+        router = block.router if arch == "gpt_oss" else block.gate
+        mask = torch.full((router.weight.shape[0],), float("-inf"))
+        mask[ids] = 0.0
+        if arch == "gpt_oss":
+            router.bias.data += mask
+        elif arch == "deepseek_v3":
+            router.e_score_correction_bias += mask
+        else:
+            def masked(hidden, router=router, mask=mask):  # Qwen3MoeTopKRouter.forward with the mask added
+                logits = F.linear(hidden.reshape(-1, router.hidden_dim), router.weight) + mask
+                top, index = torch.topk(F.softmax(logits, dtype=torch.float, dim=-1), router.top_k, dim=-1)
+                top /= top.sum(dim=-1, keepdim=True)
+                return logits, top.to(logits.dtype), index
+
+            router.forward = masked

@@ -47,6 +47,8 @@ def test_ragged_checkpoint_loads_everywhere_with_same_logits(arch, tmp_path):
     config = json.loads((out / "config.json").read_text())
     expected_counts = [len(RAGGED[i]) if adapter.moe_block(l) is not None else None for i, l in enumerate(adapter.decoder_layers(reference))]
     assert config["grape_experts_per_layer"] == expected_counts
+    top = max(c for c in expected_counts if c is not None)
+    assert config["per_layer_config"] == {str(i): {adapter.count_key: c} for i, c in enumerate(expected_counts) if c not in (None, top)}
     loaded_config = AutoConfig.from_pretrained(out)
     assert getattr(loaded_config, adapter.count_key) == max(c for c in expected_counts if c is not None)
     assert (out / "grape_report.json").is_file() and (out / "experts_per_layer.png").stat().st_size > 1000
@@ -110,3 +112,17 @@ def test_failure_mid_write_leaves_no_output_and_input_unchanged(tmp_path):
         write_checkpoint(lazy, claim.tmp, transform_layer=exploding)
     assert not out.exists() and not list(tmp_path.glob(".pruned.grape-*"))
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+def test_per_layer_config_that_disagrees_with_grapes_counts_is_refused(tmp_path):
+    from grape.checkpoint_files import CheckpointError, read_layout
+
+    out = tmp_path / "pruned"
+    _write(build_tiny_model("mixtral", tmp_path / "src"), out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["allow_global_per_layer_attribute_access"] is True
+    read_layout(out)
+    config["per_layer_config"] = {"1": {"num_local_experts": 5}}  # grape's list says 4
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="per_layer_config gives layer 1 5 routed experts"):
+        read_layout(out)

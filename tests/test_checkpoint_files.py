@@ -24,6 +24,20 @@ def test_a_per_expert_checkpoint_loads_as_the_fused_parameters_transformers_buil
     for name in ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj", "model.norm.weight"):
         assert torch.equal(index.load(name), reference[name]), name
     assert index.load("model.layers.0.mlp.experts.nothing") is None
+    fused = "model.layers.1.mlp.experts.gate_up_proj"
+    assert torch.equal(index.load(fused, torch.float64, range(3, 6)), reference[fused][3:6].double())
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(index.get_rows(key, 5, 9), reference[key][5:9])
+
+
+def test_reads_leave_no_file_mapped(tmp_path):
+    """Every read is a plain file read: after reading everything, no weight file is mapped into the process."""
+    src = build_tiny_model("qwen3_moe", tmp_path / "m")
+    index = CheckpointIndex(src)
+    for key in index.keys():
+        index.get(key)
+    maps = open("/proc/self/maps").read()
+    assert all(str(path.resolve()) not in maps for path in index.files())
 
 
 def _raw(path, header: dict, data: bytes) -> None:

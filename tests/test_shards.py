@@ -51,7 +51,8 @@ def test_shards_are_bounded_and_indexed_like_transformers(tmp_path):
     bound = header_bound((f"{i}.{n}", t.shape) for i, layer in enumerate(layers) for n, t in layer.items())
     writer = ShardWriter(tmp_path, torch.bfloat16, header_bytes=bound, max_bytes=150)
     for i, layer in enumerate(layers):
-        writer.add_all({f"{i}.{n}": t for n, t in layer.items()})
+        for n, t in layer.items():
+            writer.add(f"{i}.{n}", t)
     names = writer.finish()
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -69,7 +70,8 @@ def test_shards_are_bounded_and_indexed_like_transformers(tmp_path):
 def test_a_full_header_starts_a_new_shard(tmp_path):
     tensors = {f"t{i}": torch.full((2,), float(i)) for i in range(40)}
     writer = ShardWriter(tmp_path, torch.float32, header_bytes=400)
-    writer.add_all(tensors)
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
     writer.finish()
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
@@ -89,3 +91,22 @@ def test_a_failed_write_names_the_file(tmp_path):
         writer.add("b", torch.ones(3))
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == "/dev/full"
     writer.close()
+
+
+def test_streamed_tensors_and_stored_dtypes_are_written_as_given(tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    fused = torch.randn(5, 3, 4, generator=gen)
+    codes = torch.randn(6, 8, generator=gen).to(torch.float8_e4m3fn)
+    writer = ShardWriter(tmp_path, torch.bfloat16, header_bytes=header_bound([("fused", fused.shape), ("codes", codes.shape)]))
+    writer.add_stream("fused", torch.float32, tuple(fused.shape), (fused[i : i + 1] for i in range(5)))  # one row at a time
+    writer.add("codes", codes, dtype=codes.dtype)  # a stored FP8 tensor is copied, not cast
+    with pytest.raises(ValueError, match="bytes were written"):
+        writer.add_stream("short", torch.float32, (2, 4), [torch.zeros(1, 4)])
+    writer.close()
+    writer = ShardWriter(tmp_path, torch.bfloat16, header_bytes=header_bound([("fused", fused.shape), ("codes", codes.shape)]))
+    writer.add_stream("fused", torch.float32, tuple(fused.shape), (fused[i : i + 1] for i in range(5)))
+    writer.add("codes", codes, dtype=codes.dtype)
+    writer.finish()
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert loaded["fused"].dtype == torch.float32 and torch.equal(loaded["fused"], fused)
+    assert loaded["codes"].dtype == torch.float8_e4m3fn and torch.equal(loaded["codes"].view(torch.uint8), codes.view(torch.uint8))

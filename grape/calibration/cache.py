@@ -35,7 +35,7 @@ from grape.stats import LayerStats
 __all__ = ["FORMAT", "VERSION", "default_cache_dir", "stats_cache_key", "StatsCache"]
 
 FORMAT = "grape-layer-stats"
-VERSION = 3  # 3: safetensors + JSON (2 was torch.save, never read again)
+VERSION = 4  # 4: Grams from float32 blocks of the sampled outputs; 3: safetensors + JSON (2 was torch.save)
 _STALE_TMP_SECONDS = 3600  # a temporary file this old belongs to a run that died
 
 

@@ -83,6 +83,7 @@ def run_layerwise(
     layers: list[int] | None = None,
     stop_after: int | None = None,
     desc: str = "calibrating",
+    experts_in_visitor: bool = False,
 ) -> None:
     """Call ``visitor(layer_index, layer, hidden_batches, forward)`` for each decoder layer in order.
 
@@ -96,10 +97,13 @@ def run_layerwise(
         sequential: feed the next layer with outputs of the layer *after* the visitor ran.
         layers: visit only these layer indices (others are still run to propagate activations).
         stop_after: stop once this layer index has been visited (later layers are not run).
+        experts_in_visitor: visited layers are materialised without their routed experts; the
+            visitor reads them (in groups that fit memory) and serves them to the layer's
+            forward itself (:func:`grape.calibration.collect.measure_layer`).
 
     Without ``sequential`` the outputs passed on are those of the layer's first ``forward()``
-    (the visitor should call it before modifying weights); with it, the layer is run again
-    after the visitor returns.
+    (the visitor should call it before modifying weights; ``forward(keep=False)`` runs the
+    layer without its outputs counting); with it, the layer is run again after the visitor returns.
     """
     if input_ids.dim() != 2 or input_ids.numel() == 0:
         raise ValueError(f"calibration ids must be a non-empty (samples, seq_len) tensor, got {tuple(input_ids.shape)}")
@@ -114,13 +118,15 @@ def run_layerwise(
     last = lazy.num_layers - 1 if stop_after is None else stop_after
     for index in tqdm(range(last + 1), desc=desc, unit="layer"):
         layer_kwargs = [kw[index] for kw in kwargs_per_batch]
-        with lazy.materialized_layer(index) as layer:
+        routed = not (experts_in_visitor and index in wanted)
+        with lazy.materialized_layer(index, routed_experts=routed) as layer:
 
             first: list[list[torch.Tensor]] = []
 
-            def forward(layer=layer, layer_kwargs=layer_kwargs, hidden=hidden, first=first) -> list[torch.Tensor]:
+            def forward(layer=layer, layer_kwargs=layer_kwargs, hidden=hidden, first=first, keep=True) -> list[torch.Tensor]:
                 result = layer_forward(layer, hidden, layer_kwargs)
-                first.append(result)
+                if keep:
+                    first.append(result)
                 return result
 
             if index in wanted:

@@ -49,6 +49,7 @@ __all__ = [
     "check_tensors",
     "detect_format",
     "logical_parameters",
+    "refuse_training",
     "scale_grid",
     "tensor_infos",
 ]
@@ -157,6 +158,22 @@ def _fp8_format(raw: dict) -> QuantFormat:
     if raw.get("modules_to_convert"):
         raise _refuse("FP8 checkpoints with quantized embeddings (modules_to_convert) are not supported")
     return QuantFormat(method=FP8, block_size=(block[0], block[1]), scale_fmt=scale_fmt, config=raw)
+
+
+def refuse_training(fmt: QuantFormat, what: str) -> None:
+    """Refuse to train (distill) weights stored in a quantized format, naming the format and why.
+
+    A distillation update is far below the formats' resolution (measured by
+    ``benchmarks/quant_requant_error.py``): FP8 keeps 4 % of an update of relative size 1e-3, and
+    re-quantizing MXFP4 moves a weight by 3-26 times the update, so the student written back
+    would not be the student that was trained.
+    """
+    if fmt.is_quantized:
+        raise UnsupportedQuantizationError(
+            f"{what} is stored as {fmt.method}: distillation updates are below that format's resolution "
+            "(re-quantizing keeps 4 % of a 1e-3 update in FP8 and moves MXFP4 weights 3-26x the update), so "
+            "grape does not train it; distill an unquantized copy (e.g. saved by transformers after loading it)"
+        )
 
 
 def scale_grid(shape: tuple[int, ...], block_size: tuple[int, int]) -> tuple[int, int]:

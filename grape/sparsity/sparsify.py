@@ -30,6 +30,7 @@ from torch import nn
 
 from grape.calibration.runner import run_layerwise
 from grape.errors import InputError
+from grape.layer_writer import ExpertEdit
 from grape.pipeline import CommonOptions, Pipeline, run_pipeline, stage_labels
 from grape.report import previous_report
 from grape.sparsity.collect import (
@@ -187,6 +188,13 @@ class SparsifyPipeline(Pipeline):
             stop_after=self.moe_layers[-1],
             desc=f"sparsify ({self.sparsity.method.name})",
         )
+
+    def expert_edit(self, index: int) -> ExpertEdit | None:
+        """Every expert is kept and only zeroed (a quantized source's codes are masked, scales kept)."""
+        if index not in self.moe_layers:
+            return None
+        count = int(self.lazy.adapter.moe_block(self.lazy.adapter.decoder_layers(self.lazy.model)[index]).experts.num_experts)
+        return ExpertEdit(kept=tuple(range(count)), zeroed=True)
 
     def transform_layer(self, index: int, layer: nn.Module) -> None:
         if index not in self.moe_layers:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from quant_models import build_fp8_checkpoint, build_mxfp4_checkpoint
+from quant_models import build_fp8_checkpoint, build_mxfp4_checkpoint, mask_dropped_experts
 from safetensors.torch import load_file, save_file
 
 from grape.quant.formats import MXFP4, check_tensors, detect_format, tensor_infos
@@ -112,27 +111,6 @@ def _write_dropped(source_dir: Path, out_dir: Path, kept: dict[int, list[int]]) 
     return out_dir
 
 
-def _mask_dropped_experts(model, arch: str, kept: dict[int, list[int]]) -> None:
-    """Make the source's routers never choose a dropped expert (the reference for the pruned model)."""
-    for layer_index, ids in kept.items():
-        block = model.model.layers[layer_index].mlp
-        router = block.router if arch == "gpt_oss" else block.gate
-        mask = torch.full((router.weight.shape[0],), float("-inf"))
-        mask[ids] = 0.0
-        if arch == "gpt_oss":
-            router.bias.data += mask
-        elif arch == "deepseek_v3":
-            router.e_score_correction_bias += mask
-        else:
-            def masked(hidden, router=router, mask=mask):  # Qwen3MoeTopKRouter.forward with the mask added
-                logits = F.linear(hidden.reshape(-1, router.hidden_dim), router.weight) + mask
-                top, index = torch.topk(F.softmax(logits, dtype=torch.float, dim=-1), router.top_k, dim=-1)
-                top /= top.sum(dim=-1, keepdim=True)
-                return logits, top.to(logits.dtype), index
-
-            router.forward = masked
-
-
 def test_drop_mode_copies_bytes_and_loads_with_the_masked_sources_logits(source, tmp_path):
     arch, directory = source
     kept = KEPT[arch]
@@ -162,7 +140,7 @@ def test_drop_mode_copies_bytes_and_loads_with_the_masked_sources_logits(source,
     ragged = arch == "deepseek_v3"
     model = _load(out, torch.float32, ragged=ragged)
     reference = _load(directory, torch.float32)
-    _mask_dropped_experts(reference, arch, kept)
+    mask_dropped_experts(reference, arch, kept)
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
