@@ -36,6 +36,8 @@ import torch
 from transformers.integrations.moe import grouped_mm_experts_forward
 
 from grape_kernels import available_backends, experts_forward
+from grape_kernels.ops.cpu_prepack import cached_copy
+from grape_kernels.ops.vllm_cpu import vllm_cpu_ops, vllm_isa
 
 SHARED_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "mixtral-8x-pydoc"
 TOKENS = (1, 16, 128, 1024)
@@ -82,19 +84,34 @@ class Workload:
 
 
 def backends() -> dict[str, ExpertsCall]:
-    """transformers' baselines plus each grape backend that runs on the CPU here.
+    """transformers' baselines, each grape backend that runs on the CPU here, and vLLM's kernel.
 
     Triton joins only with CUDA: under the interpreter it checks correctness, not speed.
+    ``vllm-fused`` (vLLM's fused CPU MoE kernel on every call, its packed weights made once)
+    joins where vLLM's CPU build imports; ``grape-vllm_cpu`` is grape's backend that uses it
+    only where it measured faster.
     """
     calls: dict[str, ExpertsCall] = {
         "eager": lambda m, h, i, w: type(m).forward.__wrapped__(m, h, i, w),
         "grouped_mm": grouped_mm_experts_forward,
     }
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for name in ("cpu", "triton", "dense", "reference"):
+    for name in ("cpu", "vllm_cpu", "triton", "dense", "reference"):
         if name in available_backends(device) and (name != "triton" or device == "cuda"):
             calls[f"grape-{name}"] = lambda m, h, i, w, _b=name: experts_forward(m, h, i, w, backend=_b)
+    if device == "cpu" and vllm_cpu_ops() is not None:
+        calls["vllm-fused"] = vllm_fused
     return calls
+
+
+def vllm_fused(experts: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+    """vLLM's fused CPU MoE kernel on a SiLU experts module, as vLLM's own CPU MoE layer calls it."""
+    ops, isa = vllm_cpu_ops(), vllm_isa(hidden.dtype)
+    w13 = cached_copy(experts.gate_up_proj, f"vllm-{isa}", lambda w: ops.cpu_prepack_moe_weight(w, isa))
+    w2 = cached_copy(experts.down_proj, f"vllm-{isa}", lambda w: ops.cpu_prepack_moe_weight(w, isa))
+    out = torch.empty_like(hidden)
+    ops.cpu_fused_moe(out, hidden, w13, w2, None, None, weights.float(), ids.to(torch.int32), "silu", isa, False)
+    return out
 
 
 def run_all(call: ExpertsCall, workload: Workload) -> None:

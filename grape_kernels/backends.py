@@ -7,6 +7,8 @@ name           what it is                                           devices
 =============  ===================================================  ==========================
 ``triton``     fused grouped GEMM (``grape_kernels.triton``)        CUDA; CPU under
                                                                     ``TRITON_INTERPRET=1``
+``vllm_cpu``   vLLM's fused CPU kernel where it is faster, else     CPU, where vLLM's CPU
+               ``cpu`` (``ops.vllm_cpu``)                           build imports
 ``cpu``        sorted per-expert GEMMs in PyTorch (``ops.cpu``)     CPU
 ``dense``      every expert on every token, masked (``ops.dense``)  any
 ``reference``  obvious per-expert loop, the oracle                  any
@@ -89,6 +91,15 @@ def _triton_usable(device: torch.device) -> Usability:
     return True, ""
 
 
+def _vllm_cpu_usable(device: torch.device) -> Usability:
+    if device.type != "cpu":
+        return False, "vLLM's fused MoE kernel here is its CPU build's"
+    module = _import("grape_kernels.ops.vllm_cpu")
+    if module is None or module.vllm_cpu_ops() is None:
+        return False, "vLLM's CPU build is not installed here (its CPU fused-MoE ops do not import)"
+    return True, ""
+
+
 def _cuda_ops_usable(device: torch.device) -> Usability:
     if device.type != "cuda":
         return False, "the CUDA extension runs on CUDA devices only"
@@ -155,6 +166,8 @@ def _load(module: str, attr: str) -> Callable[[], Callable]:
 
 for _backend in (
     Backend("triton", "experts", _load("grape_kernels.triton", "fused_experts"), _triton_usable, {"cuda": 30}),
+    Backend("vllm_cpu", "experts", _load("grape_kernels.ops.vllm_cpu", "vllm_cpu_experts"), _vllm_cpu_usable,
+            {"cpu": 25}),
     Backend("cpu", "experts", _load("grape_kernels.ops.cpu", "cpu_experts"), _cpu_only, {"cpu": 20}),
     Backend("dense", "experts", _load("grape_kernels.ops.dense", "dense_experts"), _everywhere, {_ANY_DEVICE: 10}),
     Backend("reference", "experts", _load("grape_kernels.ops.reference", "reference_experts"), _everywhere),
@@ -210,7 +223,8 @@ def select_backend(device: torch.device | str) -> str:
     """Default experts backend for tensors on ``device``: the usable one of highest priority.
 
     CUDA: ``triton`` when it imports, else ``dense`` (the one fallback without host syncs).
-    CPU: ``cpu``. Other devices: ``dense``.
+    CPU: ``vllm_cpu`` where vLLM's CPU build imports (it runs grape's ``cpu`` where vLLM's
+    kernel is slower), else ``cpu``. Other devices: ``dense``.
     """
     device = torch.device(device)
     best = _best([b for (kind, _), b in _BACKENDS.items() if kind == "experts"], device)

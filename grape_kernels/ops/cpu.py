@@ -7,16 +7,23 @@ and CPU time; end-to-end numbers against transformers are in benchmarks/RESULTS.
   per-expert ``one_hot``/``where`` scans of transformers' eager path, and the Python-level
   work is one loop over the experts that actually received tokens. Experts with no tokens cost
   nothing, which is what makes a pruned layer with a few hot experts cheap.
-- Each expert's tokens are a contiguous slice of one gathered (S, H) matrix, so each GEMM
-  writes into a slice of one output buffer (no per-expert allocation, no ``cat``), and gate and
-  up come out of one fused (S, 2I) GEMM. Where every expert would use plain ``torch.mm``, and
-  on small layers always, one ``grouped_mm`` call runs that loop in C++ (5-10% faster than a
-  Python loop on small layers).
-- The GEMM formulation is chosen per expert by its row count (``_linear_into``). For float32,
-  MKL's sgemm (what ``torch.mm`` uses) is slow for a few rows against a large weight; oneDNN's
-  matmul is 1.3-1.9x faster from 4 rows up on weights of >= 2M elements, and for 2-3 rows the
-  weight-major product ``W @ x.T`` (the GEMV-like case MKL handles well) is 1.5-3x faster than
-  ``x @ W.T``. bfloat16 GEMMs go through oneDNN, whose single-row GEMV is 2x slower than
+- Each expert's tokens are a contiguous slice of one gathered (S, H) matrix, and gate and up
+  come out of one fused (S, 2I) GEMM. On plain weights each GEMM writes into a slice of one
+  output buffer (oneDNN's packed product has no ``out=``: its per-expert results are joined
+  by one ``cat`` per projection, 1% of the time at 1024 tokens). Where every expert would use
+  plain ``torch.mm``, and on small layers always, one ``grouped_mm`` call runs that loop in
+  C++ (5-10% faster than a Python loop on small layers).
+- Each expert's GEMMs run oneDNN's product on weights packed once for it (``ops.cpu_prepack``:
+  made on first use, kept while the weights are unchanged, within a memory budget), the
+  fastest formulation measured at every row count, 1.2-3x the unpacked ones on a
+  Mixtral-shaped layer; only bfloat16 decode steps on small experts keep ATen's GEMV on the
+  plain weights (lower per-call cost there). Without packed copies (budget spent, float16, no
+  oneDNN) the formulations below apply.
+- The GEMM formulation on plain weights is chosen per expert by its row count
+  (``_linear_into``). For float32, MKL's sgemm (what ``torch.mm`` uses) is slow for a few
+  rows against a large weight; oneDNN's matmul is 1.3-1.9x faster from 4 rows up on weights
+  of >= 2M elements, and for 2-3 rows the weight-major product ``W @ x.T`` (the GEMV-like
+  case MKL handles well) is 1.5-3x faster than ``x @ W.T``. bfloat16 GEMMs go through oneDNN, whose single-row GEMV is 2x slower than
   ATen's own, so one-row bfloat16 products (decoding) use ATen's.
 - The weighted top-k sum is one ``index_add_`` into a float32 accumulator (4x faster than
   un-permuting and summing over k, and it rounds bfloat16 only once, at the end).
@@ -40,6 +47,7 @@ from torch.nn import functional as F
 from grape_kernels.expert_weights import ExpertWeights
 from grape_kernels.library import experts_op
 from grape_kernels.ops.common import check_experts_inputs, ids_out_of_range, split_gate_up
+from grape_kernels.ops.cpu_prepack import packed_linear, prepacked
 
 __all__ = ["cpu_experts"]
 
@@ -48,6 +56,11 @@ __all__ = ["cpu_experts"]
 _ONEDNN_MIN_WEIGHT = 1 << 21
 #: Row counts for which float32 uses the weight-major product ``W @ x.T``.
 _WEIGHT_MAJOR_ROWS = (2, 3)
+#: bfloat16 decode steps on experts smaller than this run ATen's GEMV on the plain weights: on
+#: cache-resident experts its lower per-call cost beats oneDNN's packed product (measured on the
+#: pruned Mixtral-pydoc layers, 256x1024: 1.65x against grouped_mm instead of 1.45x); on larger
+#: experts, streamed from memory, the packed product reads faster (Mixtral-shaped: 2.1x vs 1.7x).
+_PACKED_GEMV_MIN_WEIGHT = 1 << 21
 #: Below this many weight elements the per-expert formulations save less per GEMM (20-40 us)
 #: than leaving ``grouped_mm``'s C++ loop for a Python one costs, so small layers never do.
 _LOOP_MIN_WEIGHT = 1 << 19
@@ -118,9 +131,24 @@ class _Groups(NamedTuple):
 
 
 def _project(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: _Groups, out_features: int
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: _Groups,
+    out_features: int,
+    packed: list[torch.Tensor] | None,
 ) -> torch.Tensor:
-    """One projection of all experts over the expert-sorted rows ``x``: (S, in) -> (S, out)."""
+    """One projection of all experts over the expert-sorted rows ``x``: (S, in) -> (S, out).
+
+    With ``packed`` weights (``cpu_prepack``) every expert runs oneDNN's packed linear, the
+    fastest formulation at every row count measured; otherwise one is chosen per expert.
+    """
+    if packed is not None:
+        outs = [
+            packed_linear(x_e, packed[expert], None if bias is None else bias[expert])
+            for expert, x_e in zip(groups.active, x.split(groups.sizes))
+        ]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
     transposed = groups.transposed
     kinds = [_formulation(x, weight, rows, transposed) for rows in groups.sizes]
     if _GROUPED_MM is not None and (weight[0].numel() < _LOOP_MIN_WEIGHT or all(kind == "mm" for kind in kinds)):
@@ -206,7 +234,12 @@ def cpu_experts(
         ids = flat_ids.tolist()
         if min(ids) < 0 or max(ids) >= experts:
             raise ids_out_of_range(experts, min(ids), max(ids))
+        small_bf16 = hidden.dtype == torch.bfloat16 and weights.w_gate_up[0].numel() < _PACKED_GEMV_MIN_WEIGHT
+        packed_gate_up, packed_down = (None, None) if small_bf16 else _packed(weights, hidden.dtype)
+        if packed_gate_up is not None:
+            return _single_token_packed(hidden, weights, ids, topk_weights, packed_gate_up, packed_down)
         return _single_token(hidden, weights, ids, topk_weights, problem.intermediate)
+    packed_gate_up, packed_down = _packed(weights, hidden.dtype)
 
     # bincount doubles as the id range check: it rejects negatives and grows past E for ids >= E.
     try:
@@ -225,12 +258,15 @@ def cpu_experts(
     # Each (S, .) intermediate is dropped as soon as it is consumed, so the peak is the (S, 2I)
     # projection plus its activation rather than the sum of all of them.
     gathered = hidden.index_select(0, pair_token)
-    gate_up = _project(gathered, weights.w_gate_up, weights.gate_up_bias, groups, 2 * problem.intermediate)
+    gate_up = _project(
+        gathered, weights.w_gate_up, weights.gate_up_bias, groups, 2 * problem.intermediate, packed_gate_up
+    )
     del gathered
     h = _activate(gate_up, weights)
     del gate_up
     weighted = torch.mul(
-        _project(h, weights.w_down, weights.down_bias, groups, problem.hidden), pair_weight.float().unsqueeze(1)
+        _project(h, weights.w_down, weights.down_bias, groups, problem.hidden, packed_down),
+        pair_weight.float().unsqueeze(1),
     )
     del h
     out = torch.zeros(tokens, problem.hidden, dtype=torch.float32, device=hidden.device)
@@ -264,4 +300,32 @@ def _single_token(
         else:
             _linear_into(y, h, w_down[expert], bias, transposed, down_kind)
             out.add_(y, alpha=weight)
+    return out.to(hidden.dtype)
+
+
+def _packed(weights: ExpertWeights, dtype: torch.dtype) -> tuple[list | None, list | None]:
+    """Both projections' packed weights (``cpu_prepack``), or (None, None) to run the plain ones."""
+    if weights.w_gate_up.dtype != dtype:
+        return None, None
+    gate_up = prepacked(weights.w_gate_up, weights.transposed)
+    down = None if gate_up is None else prepacked(weights.w_down, weights.transposed)
+    return (gate_up, down) if down is not None else (None, None)
+
+
+def _single_token_packed(
+    hidden: torch.Tensor,
+    weights: ExpertWeights,
+    ids: list[int],
+    topk_weights: torch.Tensor,
+    gate_up: list[torch.Tensor],
+    down: list[torch.Tensor],
+) -> torch.Tensor:
+    """Decode step on packed weights: each of the k experts once, summed in float32."""
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    gate_up_bias, down_bias = weights.gate_up_bias, weights.down_bias
+    for expert, weight in zip(ids, topk_weights.reshape(-1).tolist()):
+        bias = None if gate_up_bias is None else gate_up_bias[expert]
+        h = _activate(packed_linear(hidden, gate_up[expert], bias), weights)
+        bias = None if down_bias is None else down_bias[expert]
+        out.add_(packed_linear(h, down[expert], bias), alpha=weight)
     return out.to(hidden.dtype)

@@ -185,10 +185,16 @@ def test_other_flag_combinations(backend, activation, interleaved):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("gpt_oss", [False, True], ids=["mixtral", "gpt_oss"])
-def test_cpu_backend_large_weights_take_every_gemm_formulation(dtype, gpt_oss):
+@pytest.mark.parametrize("packing", ["plain", "packed"])
+def test_cpu_backend_large_weights_take_every_gemm_formulation(dtype, gpt_oss, packing, monkeypatch):
     """Weights past the size thresholds, experts receiving 1, 2-3 and >= 4 rows: every GEMM
-    formulation of the CPU path (oneDNN, weight-major, ATen GEMV, mm) meets the oracle."""
+    formulation of the CPU path meets the oracle, on the plain weights (oneDNN, weight-major,
+    ATen GEMV, mm; packing disabled) and on the packed copies (``ops.cpu_prepack``)."""
     from grape_kernels.ops import cpu as cpu_ops
+    from grape_kernels.ops import cpu_prepack
+
+    monkeypatch.setenv("GRAPE_CPU_PREPACK_GB", "0" if packing == "plain" else "1")
+    cpu_prepack.release_prepacked()
 
     g = _gen("large", str(dtype), gpt_oss)
     hidden_size, inter, experts = 512, 2048, 4
@@ -218,6 +224,8 @@ def test_cpu_backend_large_weights_take_every_gemm_formulation(dtype, gpt_oss):
     check(out, ref, dtype)
     decode = run("cpu", hidden[:1], w1, w2, ids[:1], weights[:1], **biases, **flags)
     check(decode, ref[:1], dtype)
+    assert (cpu_prepack.prepacked_bytes() > 0) == (packing == "packed" and cpu_prepack._ONEDNN)
+    cpu_prepack.release_prepacked()
 
 
 @pytest.mark.interpreter
@@ -241,8 +249,9 @@ def test_triton_backend_gpt_oss_layout():
 
 # ---- dispatch -------------------------------------------------------------------------------
 def test_select_backend_by_device():
-    assert select_backend("cpu") == "cpu"
-    assert select_backend(torch.device("cpu")) == "cpu"
+    cpu_choice = "vllm_cpu" if get_backend("vllm_cpu").usable(torch.device("cpu"))[0] else "cpu"
+    assert select_backend("cpu") == cpu_choice
+    assert select_backend(torch.device("cpu")) == cpu_choice
     assert select_backend("cuda") == ("triton" if get_backend("triton").usable(torch.device("cuda"))[0] else "dense")
     assert select_backend("meta") == "dense"
     assert {"cpu", "dense", "reference"} <= set(available_backends("cpu"))
@@ -266,7 +275,8 @@ def test_routing_backend_pairs_by_priority(monkeypatch):
     assert select_routing_backend("cpu", "reference") == "reference"
     expected = "triton" if TRITON_HERE else None
     assert select_routing_backend("cpu", "triton") == expected
-    faster = Backend("fast_route", "routing", lambda: None, lambda d: (True, ""), {"*": 99}, pairs_with=("cpu",))
+    faster = Backend("fast_route", "routing", lambda: None, lambda d: (True, ""), {"*": 99},
+                     pairs_with=("cpu", "vllm_cpu"))
     monkeypatch.setitem(backends_module._BACKENDS, ("routing", "fast_route"), faster)
     assert select_routing_backend("cpu", "auto") == "fast_route"
     assert "fast_route" in available_backends("cpu", kind="routing")
