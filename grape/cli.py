@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--experts-ratio", dest="budget", type=_budget("ratio"), help="fraction of all routed experts to remove")
     budget.add_argument("--keep-experts", dest="budget", type=_budget("keep"), help="routed experts to keep per layer")
     p.add_argument("--merge", action="store_true", help="merge removed experts into their nearest neighbour")
+    p.add_argument("--merge-fit", choices=("least_squares", "average"), default="least_squares",
+                   help="--merge: refit each merge target's down projection by least squares on the calibration "
+                   "tokens (default), or average the merged weights by routed-token frequency")
+    p.add_argument("--merge-ridge", type=float, default=1e-3, help="--merge-fit least_squares: relative ridge (default 1e-3)")
     _add_calibration_flags(p)
     p.add_argument("--sequential", action="store_true", help="calibrate each layer on the already pruned layers' outputs")
     p.add_argument("--sample-tokens", type=_positive_int, default=512, help="tokens per layer on which every expert is evaluated (default 512)")
@@ -145,13 +149,15 @@ def _common(args) -> dict:
 
 
 def _cmd_prune(args) -> None:
+    from grape.merge import MergeFit
     from grape.prune import PruneOptions, prune
 
     options = {} if args.entropy_floor is None else {"entropy_floor": args.entropy_floor}
     report = prune(
         PruneOptions(
             **_common(args), calib_samples=args.calib_samples, method=args.method, budget=args.budget, merge=args.merge,
-            sequential=args.sequential, sample_tokens=args.sample_tokens, use_cache=not args.no_cache,
+            merge_fit=MergeFit(kind=args.merge_fit, ridge=args.merge_ridge), sequential=args.sequential,
+            sample_tokens=args.sample_tokens, use_cache=not args.no_cache,
             method_options=options,
         )
     )  # fmt: skip
