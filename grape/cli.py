@@ -99,7 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", dest="calib", required=True, help="training text (same formats as --calib)")
     d.add_argument("--steps", type=_positive_int, default=100)
     d.add_argument("--lr", type=float, default=1e-4)
-    d.add_argument("--lambda", dest="lam", type=float, default=1.0, help="weight of the expert-output MSE term")
+    d.add_argument("--lambda", dest="lam", type=float, default=1.0, help="weight of the teacher-output MSE term (0: LM loss only)")
+    d.add_argument("--target", choices=("auto", "experts", "blocks"), default="auto",
+                   help="compare each expert with the teacher expert it came from, or each MoE block with the teacher's "
+                   "unpruned block (auto: blocks when some layer lost experts)")
+    d.add_argument("--train", choices=("auto", "router", "experts", "router+experts"), default="auto",
+                   help="what to train in the layers pruning changed (auto: experts for --target experts, "
+                   "router+experts for blocks)")
     d.add_argument("--batch-size", type=_positive_int, default=4)
     d.add_argument("--seq-len", type=_positive_int, default=256)
     d.add_argument("--seed", type=int, default=0)
@@ -190,13 +196,14 @@ def _cmd_distill(args) -> None:
         DistillOptions(
             **_common(args), teacher=args.teacher, steps=args.steps, lr=args.lr, lam=args.lam,
             batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, resume=args.resume,
+            target=args.target, train=args.train,
         )
     )  # fmt: skip
     first, last = report["first"], report["last"]
     print(f"wrote {Path(args.out).resolve()}")
     print(
         f"steps {report['resumed_from_step'] or 0} -> {report['steps']}: CE {first['ce']:.4f} -> {last['ce']:.4f}, "
-        f"expert MSE {first['kd']:.4g} -> {last['kd']:.4g}; time {report['timings_s']['total']:.1f}s"
+        f"{report['target'][:-1]} MSE {first['kd']:.4g} -> {last['kd']:.4g}; time {report['timings_s']['total']:.1f}s"
     )
 
 
