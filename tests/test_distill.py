@@ -84,14 +84,20 @@ def _interrupt(*args, **kwargs):
     raise KeyboardInterrupt
 
 
-def test_resume_continues_from_the_saved_step(models, tmp_path, monkeypatch) -> None:
-    options = dict(lr=3e-3, lam=0.5, batch_size=2, checkpoint_every=2)
-    full = distill(models["sparse"], models["teacher"], _data(), steps=4, out_dir=tmp_path / "full", **options)
-
+def _full_and_interrupted(student: Path, teacher: Path, tmp_path: Path, monkeypatch, options: dict) -> dict:
+    """An uninterrupted 4-step run into ``full`` (its report), and a run into ``out`` that is
+    interrupted after its checkpoint at step 2, before the output is written."""
+    full = distill(student, teacher, _data(), steps=4, out_dir=tmp_path / "full", **options)
     with monkeypatch.context() as patch:
         patch.setattr(grape.pipeline, "write_checkpoint", _interrupt)
         with pytest.raises(KeyboardInterrupt):
-            distill(models["sparse"], models["teacher"], _data(), steps=2, out_dir=tmp_path / "out", **options)
+            distill(student, teacher, _data(), steps=2, out_dir=tmp_path / "out", **options)
+    return full
+
+
+def test_resume_continues_from_the_saved_step(models, tmp_path, monkeypatch) -> None:
+    options = dict(lr=3e-3, lam=0.5, batch_size=2, checkpoint_every=2)
+    full = _full_and_interrupted(models["sparse"], models["teacher"], tmp_path, monkeypatch, options)
     assert not (tmp_path / "out").exists()
     assert (tmp_path / ".out.distill-ckpt" / "state.safetensors").is_file()
 
@@ -245,11 +251,7 @@ def test_router_recalibration_trains_the_routers_alone(pruned, models, tmp_path)
 
 def test_an_expert_pruned_student_resumes_bit_for_bit(pruned, models, tmp_path, monkeypatch) -> None:
     options = dict(lr=3e-3, lam=0.5, batch_size=2, checkpoint_every=2)
-    full = distill(pruned["merged"], models["teacher"], _data(), steps=4, out_dir=tmp_path / "full", **options)
-    with monkeypatch.context() as patch:
-        patch.setattr(grape.pipeline, "write_checkpoint", _interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            distill(pruned["merged"], models["teacher"], _data(), steps=2, out_dir=tmp_path / "out", **options)
+    full = _full_and_interrupted(pruned["merged"], models["teacher"], tmp_path, monkeypatch, options)
     with pytest.raises(ValueError, match="different target, train"):
         distill(pruned["merged"], models["teacher"], _data(), steps=4, out_dir=tmp_path / "out", resume=True,
                 target="experts", **options)  # fmt: skip
