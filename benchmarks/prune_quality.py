@@ -37,6 +37,7 @@ DEFAULT_METHODS = [
     "naee",
     "global_soft_activation",
     "grape",
+    "grape+merge=average",
     "grape+merge",
 ]
 

@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--experts-ratio", dest="budget", type=_budget("ratio"), help="fraction of all routed experts to remove")
     budget.add_argument("--keep-experts", dest="budget", type=_budget("keep"), help="routed experts to keep per layer")
     p.add_argument("--merge", action="store_true", help="merge removed experts into their nearest neighbour")
+    p.add_argument("--merge-fit", choices=("least_squares", "average"), default="least_squares",
+                   help="--merge: refit each merge target's down projection by least squares on the calibration "
+                   "tokens (default), or average the merged weights by routed-token frequency")
+    p.add_argument("--merge-ridge", type=float, default=1e-3, help="--merge-fit least_squares: relative ridge (default 1e-3)")
     _add_calibration_flags(p)
     p.add_argument("--sequential", action="store_true", help="calibrate each layer on the already pruned layers' outputs")
     p.add_argument("--sample-tokens", type=_positive_int, default=512, help="tokens per layer on which every expert is evaluated (default 512)")
@@ -106,7 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", dest="calib", required=True, help="training text (same formats as --calib)")
     d.add_argument("--steps", type=_positive_int, default=100)
     d.add_argument("--lr", type=float, default=1e-4)
-    d.add_argument("--lambda", dest="lam", type=float, default=1.0, help="weight of the expert-output MSE term")
+    d.add_argument("--lambda", dest="lam", type=float, default=1.0, help="weight of the teacher-output MSE term (0: LM loss only)")
+    d.add_argument("--target", choices=("auto", "experts", "blocks"), default="auto",
+                   help="compare each expert with the teacher expert it came from, or each MoE block with the teacher's "
+                   "unpruned block (auto: blocks when some layer lost experts)")
+    d.add_argument("--train", choices=("auto", "router", "experts", "router+experts"), default="auto",
+                   help="what to train in the layers pruning changed (auto: experts for --target experts, "
+                   "router+experts for blocks)")
     d.add_argument("--batch-size", type=_positive_int, default=4)
     d.add_argument("--seq-len", type=_positive_int, default=256)
     d.add_argument("--seed", type=int, default=0)
@@ -157,13 +167,15 @@ def _common(args) -> dict:
 
 
 def _cmd_prune(args) -> None:
+    from grape.merge import MergeFit
     from grape.prune import PruneOptions, prune
 
     options = {} if args.entropy_floor is None else {"entropy_floor": args.entropy_floor}
     report = prune(
         PruneOptions(
             **_common(args), calib_samples=args.calib_samples, method=args.method, budget=args.budget, merge=args.merge,
-            sequential=args.sequential, sample_tokens=args.sample_tokens, use_cache=not args.no_cache,
+            merge_fit=MergeFit(kind=args.merge_fit, ridge=args.merge_ridge), sequential=args.sequential,
+            sample_tokens=args.sample_tokens, use_cache=not args.no_cache,
             method_options=options,
         )
     )  # fmt: skip
@@ -196,13 +208,14 @@ def _cmd_distill(args) -> None:
         DistillOptions(
             **_common(args), teacher=args.teacher, steps=args.steps, lr=args.lr, lam=args.lam,
             batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, resume=args.resume,
+            target=args.target, train=args.train,
         )
     )  # fmt: skip
     first, last = report["first"], report["last"]
     print(f"wrote {Path(args.out).resolve()}")
     print(
         f"steps {report['resumed_from_step'] or 0} -> {report['steps']}: CE {first['ce']:.4f} -> {last['ce']:.4f}, "
-        f"expert MSE {first['kd']:.4g} -> {last['kd']:.4g}; time {report['timings_s']['total']:.1f}s"
+        f"{report['target'][:-1]} MSE {first['kd']:.4g} -> {last['kd']:.4g}; time {report['timings_s']['total']:.1f}s"
     )
 
 

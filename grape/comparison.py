@@ -22,6 +22,7 @@ from grape.budget import Budget
 from grape.checkpoint import load_pruned
 from grape.evaluation import evaluate_tasks, perplexity
 from grape.info import model_info
+from grape.merge import MergeFit
 from grape.prune import PruneOptions, prune
 
 __all__ = ["Variant", "measure", "prune_and_measure", "relative_perplexity"]
@@ -29,17 +30,22 @@ __all__ = ["Variant", "measure", "prune_and_measure", "relative_perplexity"]
 
 @dataclass(frozen=True)
 class Variant:
-    """A method to compare: its name, drop or merge, and its own options."""
+    """A method to compare: its name, drop or merge (and how merges are fitted), its own options."""
 
     method: str
     merge: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
+    merge_fit: str = MergeFit.kind
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
-        """``method[+merge][:key=value,...]``; option values are JSON where they parse as JSON."""
+        """``method[+merge[=FIT]][:key=value,...]``; option values are JSON where they parse as JSON.
+
+        ``FIT`` is a :class:`grape.merge.MergeFit` kind (``+merge=average``: the weight average).
+        """
         head, _, items = spec.partition(":")
         method, _, variant = head.partition("+")
+        variant, _, fit = variant.partition("=")
         options = {}
         for item in filter(None, items.split(",")):
             key, _, value = item.partition("=")
@@ -47,12 +53,13 @@ class Variant:
                 options[key] = json.loads(value)
             except json.JSONDecodeError:
                 options[key] = value
-        return cls(method, variant == "merge", options)
+        return cls(method, variant == "merge", options, fit or MergeFit.kind)
 
     @property
     def label(self) -> str:
         suffix = ":" + ",".join(f"{k}={v}" for k, v in self.options.items()) if self.options else ""
-        return f"{self.method}{'+merge' if self.merge else ''}{suffix}"
+        fit = "" if self.merge_fit == MergeFit.kind else f"={self.merge_fit}"
+        return f"{self.method}{'+merge' + fit if self.merge else ''}{suffix}"
 
 
 def measure(
@@ -135,7 +142,8 @@ def prune_and_measure(
                 PruneOptions(
                     model=str(model), out=str(out), overwrite=True, seed=seed, calib=str(calib),
                     calib_samples=calib_samples, seq_len=seq_len, method=variant.method,
-                    budget=Budget(ratio=ratio), merge=variant.merge, method_options=dict(variant.options),
+                    budget=Budget(ratio=ratio), merge=variant.merge, merge_fit=MergeFit(kind=variant.merge_fit),
+                    method_options=dict(variant.options),
                 )
             )  # fmt: skip
             seconds = time.perf_counter() - started

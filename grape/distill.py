@@ -1,30 +1,41 @@
-"""``grape distill``: expert-wise knowledge distillation of a pruned/sparsified MoE student.
+"""``grape distill``: knowledge distillation of a pruned or sparsified MoE student from its teacher.
 
-loss = CE(student next-token logits) + lambda * sum over MoE layers l and student experts i of
-MSE(teacher expert orig(l, i) (x), student expert i (x)) over the tokens x the *student's*
-router sends to expert i, where orig(l, i) is the teacher index that student expert i came from
-(``kept_experts`` of the student's ``grape_report.json``; the identity when absent).
+loss = CE(student next-token logits) + lambda * (the target's terms), where the target
+(:mod:`grape.distill_targets`) is chosen by what the student's pruning changed:
+
+- **A sparsified student** (every MoE layer has the teacher's experts): ``"experts"``, MSE
+  between student expert i and the teacher expert orig(l, i) it came from (``kept_experts`` of
+  the student's ``grape_report.json``; the identity when absent), on the tokens the student's
+  router sends to it. Trained: the routed experts of every MoE layer.
+- **An expert-pruned student** (dropped or merged: some layer has fewer experts than the
+  teacher's): ``"blocks"``, MSE between the student's MoE block and the teacher's unpruned
+  block, on the student's hidden state at the block's input. The student's experts no longer
+  compute what one teacher expert computed, so the target moves up to the level where both
+  sides still mean the same thing. Trained: the routers and routed experts of the layers that
+  lost experts.
 
 Choices, and why:
 
-- Both experts see the same input, the student's hidden state at the experts' input (detached
-  for the distillation term). The term then measures exactly how far pruning moved expert i's
-  *function* on the inputs it actually serves, and trains layer l's experts only; the teacher is
-  never run as a model, only its kept experts' weights are loaded (one layer at a time).
-- Only the routed experts' parameters are trained; routers, attention, norms, embeddings and
-  shared experts are frozen. Sparsification changed only the experts, freezing the rest keeps
-  the routing (and the ragged structure) exactly as pruning left it, keeps optimizer state small,
-  and does not overfit a small distillation set.
-- Sparsity masks are fixed: the zeros of the student's ``gate_up_proj``/``down_proj`` at the
-  start. Gradients are masked and the mask is re-applied after every optimizer step, so pruned
-  weights stay exactly zero (AdamW's weight decay is 0 for the same reason).
+- **Only what the pruning changed is trained.** Sparsification changed the experts; expert
+  pruning changed the experts a layer has *and* which of them its router picks, so there the
+  router is trained too (a kept router row was learned against competitors that are gone).
+  Attention, norms, embeddings, shared experts and the layers pruning left whole stay frozen:
+  it keeps the optimizer state small, and does not overfit a small distillation set.
+  ``train="router"`` trains the routers alone (router re-calibration: a few thousand
+  parameters per layer), ``train="experts"`` the experts alone.
+- **The checkpoint stays what it was**: the same experts per layer (ragged stays ragged), and
+  the exact zeros of the student's expert matrices (a sparsified student's pruned weights)
+  stay zero: gradients are masked and the mask is re-applied after every optimizer step
+  (AdamW's weight decay is 0 for the same reason).
 - Training runs in float32; the output keeps the student's dtype (zeros stay exact zeros).
+  Quantized students are not handled here (see the checkpoint reader).
 
 The stages (:mod:`grape.pipeline`): open student and teacher -> validate (numbers, the two
-architectures, the expert mapping, the training text cut into windows, resumable state) ->
-calibrate = train (:mod:`grape.distill_training`; resumable state in ``.<out>.distill-ckpt``
-beside the output, every ``checkpoint_every`` steps) -> write the student with its trained
-experts -> report. The state directory is removed once the output is in place.
+architectures, the expert mapping, the target and what it trains, the training text cut into
+windows, resumable state) -> calibrate = train (:mod:`grape.distill_training`; resumable state
+in ``.<out>.distill-ckpt`` beside the output, every ``checkpoint_every`` steps) -> write the
+student with its trained routers and experts -> report. The state directory is removed once
+the output is in place.
 """
 
 from __future__ import annotations
@@ -40,7 +51,8 @@ from typing import Any, ClassVar
 from torch import nn
 
 from grape.checkpoint import expert_counts
-from grape.distill_training import TrainingSettings, train_experts
+from grape.distill_targets import TARGETS
+from grape.distill_training import TrainingSettings, train_student, trainable_parts
 from grape.errors import InputError, OutputExistsError
 from grape.model_io import LazyCausalLM
 from grape.pipeline import CommonOptions, Pipeline, run_pipeline, stage_labels
@@ -50,6 +62,8 @@ from grape.training_state import STATE_FILE
 
 __all__ = ["DistillOptions", "DistillPipeline", "distill"]
 
+_PARTS = ("router", "experts", "router+experts")
+
 
 @dataclass(frozen=True, kw_only=True)
 class DistillOptions(CommonOptions):
@@ -57,6 +71,12 @@ class DistillOptions(CommonOptions):
 
     The text is cut into every non-overlapping ``seq_len`` window, at most ``steps *
     batch_size`` of them (so no window is seen twice before all were seen once).
+
+    Attributes:
+        target: ``"experts"``, ``"blocks"`` or ``"auto"`` (blocks when some layer lost
+            experts, else experts; see the module docs).
+        train: ``"router"``, ``"experts"``, ``"router+experts"`` or ``"auto"`` (experts for the
+            expert target, router+experts for the block target).
     """
 
     teacher: str
@@ -67,6 +87,8 @@ class DistillOptions(CommonOptions):
     resume: bool = False
     batch_size: int = 4
     seq_len: int = 256
+    target: str = "auto"
+    train: str = "auto"
     not_recorded: ClassVar[tuple[str, ...]] = (*CommonOptions.not_recorded, "resume")
 
 
@@ -102,6 +124,10 @@ class DistillPipeline(Pipeline):
             raise InputError(f"lr must be a positive number, got {o.lr}")
         if not (math.isfinite(o.lam) and o.lam >= 0):
             raise InputError(f"lambda must be a non-negative number, got {o.lam}")
+        if o.target not in ("auto", *TARGETS):
+            raise InputError(f"target must be auto, {' or '.join(TARGETS)}, got {o.target!r}")
+        if o.train not in ("auto", *_PARTS):
+            raise InputError(f"train must be auto, {', '.join(_PARTS)}, got {o.train!r}")
         super().open()
         refuse_training(self.lazy.format, f"the student {self.lazy.model_dir}")
         self.teacher = LazyCausalLM.open(o.teacher)
@@ -126,6 +152,7 @@ class DistillPipeline(Pipeline):
             available = teacher_counts[layer]
             if available is None or any(not 0 <= i < available for i in indices):
                 raise InputError(f"layer {layer}: student experts map to teacher experts {indices}, the teacher has {available}")
+        self.settings = self._settings(teacher_counts)
         state = self.state_dir / STATE_FILE
         if o.resume and not state.is_file():
             raise FileNotFoundError(f"--resume: no distillation checkpoint at {self.state_dir}")
@@ -140,6 +167,18 @@ class DistillPipeline(Pipeline):
         vocab = int(student.config.vocab_size)
         if int(self.ids.min()) < 0 or int(self.ids.max()) >= vocab:
             raise InputError(f"distillation token ids must lie in [0, {vocab}) (the student's vocabulary)")
+
+    def _settings(self, teacher_counts: list[int | None]) -> TrainingSettings:
+        """What is trained against what: the target, the parts and the layers (module docs)."""
+        o = self.options
+        pruned = [layer for layer, indices in self.kept.items() if len(indices) < teacher_counts[layer]]
+        target = o.target if o.target != "auto" else ("blocks" if pruned else "experts")
+        train = o.train if o.train != "auto" else ("router+experts" if target == "blocks" else "experts")
+        layers = pruned if target == "blocks" and pruned else sorted(self.kept)
+        return TrainingSettings(
+            o.steps, float(o.lr), float(o.lam), o.batch_size, o.checkpoint_every, o.seed,
+            target=target, train=tuple(train.split("+")), layers=tuple(layers),
+        )  # fmt: skip
 
     def calibration_samples(self, windows: int) -> int:
         return max(1, min(windows, self.options.steps * self.options.batch_size))
@@ -159,18 +198,22 @@ class DistillPipeline(Pipeline):
             "batch_size": o.batch_size,
             "seed": o.seed,
             "data": hashlib.sha256(self.ids.contiguous().numpy().tobytes()).hexdigest(),
+            "target": self.settings.target,
+            "train": list(self.settings.train),
+            "layers": list(self.settings.layers),
         }  # what must match for a checkpoint to be resumed (steps may grow, so it is not here)
-        settings = TrainingSettings(o.steps, float(o.lr), float(o.lam), o.batch_size, o.checkpoint_every, o.seed)
-        self.trained = train_experts(
-            self.lazy, self.teacher, self.kept, self.ids, settings,
+        self.trained = train_student(
+            self.lazy, self.teacher, self.kept, self.ids, self.settings,
             state_path=self.state_dir / STATE_FILE, fingerprint=fingerprint, resume=o.resume,
         )  # fmt: skip
 
     def transform_layer(self, index: int, layer: nn.Module) -> None:
-        if index in self.kept:
+        if index in self.settings.layers:
             adapter = self.lazy.adapter
-            trained = adapter.moe_block(adapter.decoder_layers(self.trained.model)[index]).experts
-            adapter.moe_block(layer).experts.load_state_dict(trained.state_dict())
+            trained = trainable_parts(adapter, adapter.moe_block(adapter.decoder_layers(self.trained.model)[index]))
+            parts = trainable_parts(adapter, adapter.moe_block(layer))
+            for part in self.settings.train:
+                parts[part].load_state_dict(trained[part].state_dict())
 
     @property
     def plot_title(self) -> str:
@@ -181,8 +224,14 @@ class DistillPipeline(Pipeline):
         return {
             "teacher": str(self.teacher.model_dir),
             "kept_experts": {str(k): v for k, v in self.kept.items()},
-            "trained": "routed experts only (masks fixed); everything else frozen",
-            "loss": "CE + lambda * sum over layers and experts of MSE(teacher expert, student expert) on student-routed tokens",
+            "target": self.settings.target,
+            "trained": {
+                "parts": list(self.settings.train),
+                "layers": list(self.settings.layers),
+                "parameters": self.trained.parameters,
+                "note": "exact zeros of expert matrices kept; everything else frozen",
+            },
+            "loss": f"CE + lambda * {TARGETS[self.settings.target].description}",
             "steps": o.steps,
             "lr": o.lr,
             "lambda": o.lam,

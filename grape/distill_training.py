@@ -1,8 +1,8 @@
-"""The expert-wise distillation training loop (the ``calibrate`` stage of ``grape distill``).
+"""The distillation training loop (the ``calibrate`` stage of ``grape distill``).
 
-loss = CE(student next-token logits) + lambda * sum over MoE layers l and student experts i of
-MSE(teacher expert orig(l, i) (x), student expert i (x)) over the tokens x the *student's*
-router sends to expert i; see :mod:`grape.distill` for the choices and why.
+loss = CE(student next-token logits) + lambda * (the target's terms, :mod:`grape.distill_targets`),
+training only the chosen parts (routers, routed experts) of the chosen layers; see
+:mod:`grape.distill` for the choices and why.
 
 Batches are a deterministic function of (seed, step) and the RNG is re-seeded every step, so a
 run resumed from its saved state (:mod:`grape.training_state`, every ``checkpoint_every`` steps
@@ -11,7 +11,6 @@ and after the last) continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,35 +19,46 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from grape.checkpoint import load_pruned
+from grape.distill_targets import make_target
 from grape.errors import InputError
 from grape.model_io import LazyCausalLM
 from grape.training_state import load_training_state, save_training_state
-from grape_kernels.experts_module import expert_forward
-from grape_kernels.ragged_modeling import select_experts
 
-__all__ = ["TrainingSettings", "TrainedExperts", "train_experts"]
+__all__ = ["TrainingSettings", "TrainedStudent", "train_student", "trainable_parts"]
 
 _MASKED = ("gate_up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
 class TrainingSettings:
+    """The loop's numbers, and what it trains against what.
+
+    Attributes:
+        target: a :data:`grape.distill_targets.TARGETS` name.
+        train: the parts trained in each of ``layers``: ``"router"`` and/or ``"experts"``.
+        layers: the MoE layers trained (and compared with the teacher).
+    """
+
     steps: int
     lr: float
     lam: float
     batch_size: int
     checkpoint_every: int
     seed: int
+    target: str = "experts"
+    train: tuple[str, ...] = ("experts",)
+    layers: tuple[int, ...] = ()
 
 
 @dataclass
-class TrainedExperts:
+class TrainedStudent:
     """What training produced: the trained student (float32, in memory) and its record."""
 
     model: nn.Module
     history: list[dict]
     resumed_from_step: int
     zeros: dict[str, int]
+    parameters: int
 
 
 def _batch(data_ids: torch.Tensor, step: int, settings: TrainingSettings) -> torch.Tensor:
@@ -59,69 +69,37 @@ def _batch(data_ids: torch.Tensor, step: int, settings: TrainingSettings) -> tor
     return data_ids[order[position * settings.batch_size : (position + 1) * settings.batch_size]]
 
 
-def _teacher_experts(teacher: LazyCausalLM, kept: dict[int, list[int]], model: nn.Module) -> dict[int, nn.Module]:
-    """Per MoE layer, a frozen experts module holding the teacher's kept experts in student order."""
-    adapter = teacher.adapter
-    teachers = {}
-    for layer_index, indices in kept.items():
-        student_experts = adapter.moe_block(adapter.decoder_layers(model)[layer_index]).experts
-        source = adapter.moe_block(adapter.decoder_layers(teacher.model)[layer_index]).experts
-        teacher.materialize(source, f"{teacher.layer_prefix(layer_index)}.{adapter.block_attr}.experts")
-        try:
-            experts = copy.deepcopy(source)
-        finally:
-            teacher.release(source)
-        select_experts((experts,), torch.tensor(indices), len(indices))
-        for name, param in experts.named_parameters():
-            if param.shape != getattr(student_experts, name).shape:
-                raise InputError(
-                    f"layer {layer_index} {name}: teacher experts {tuple(param.shape)} do not match "
-                    f"the student's {tuple(getattr(student_experts, name).shape)}"
-                )
-            param.requires_grad_(False)
-        teachers[layer_index] = experts.float().eval()
-    return teachers
+def trainable_parts(adapter, block: nn.Module) -> dict[str, nn.Module]:
+    """The parts of a MoE block distillation can train, by the names ``train`` uses."""
+    return {"router": adapter.router(block), "experts": block.experts}
 
 
-def _trainable_experts(model: nn.Module, blocks: dict[int, nn.Module]) -> tuple[dict[str, nn.Parameter], dict[str, torch.Tensor]]:
-    """Freeze everything but the routed experts; the masks of their weight matrices.
+def _trainable(
+    model: nn.Module, adapter, settings: TrainingSettings
+) -> tuple[dict[str, nn.Parameter], dict[str, torch.Tensor]]:
+    """Freeze everything but the chosen parts of the chosen layers; the masks of their expert matrices.
 
-    Returns the trainable parameters keyed ``"<layer>.<name>"`` and, for gate_up_proj and
-    down_proj, the keep-masks (their non-zeros now). A gradient hook zeroes the gradient of
-    every pruned weight, so the optimizer never sees a reason to move it.
+    Returns the trainable parameters keyed ``"<layer>.<module>.<name>"`` and, for the experts'
+    gate_up_proj and down_proj, the keep-masks (their non-zeros now): exact zeros (a sparsified
+    student's pruned weights) stay zero. A gradient hook zeroes the gradient of every pruned
+    weight, so the optimizer never sees a reason to move it.
     """
     for param in model.parameters():
         param.requires_grad_(False)
     trainable: dict[str, nn.Parameter] = {}
     masks: dict[str, torch.Tensor] = {}
-    for layer_index, block in blocks.items():
-        for name, param in block.experts.named_parameters():
-            key = f"{layer_index}.{name}"
-            param.requires_grad_(True)
-            trainable[key] = param
-            if name in _MASKED:
-                masks[key] = param.detach() != 0
-                param.register_hook(lambda grad, keep=masks[key]: grad * keep)
+    for layer in settings.layers:
+        block = adapter.moe_block(adapter.decoder_layers(model)[layer])
+        modules = trainable_parts(adapter, block)
+        for part in settings.train:
+            for name, param in modules[part].named_parameters():
+                key = f"{layer}.{part}.{name}"
+                param.requires_grad_(True)
+                trainable[key] = param
+                if part == "experts" and name in _MASKED:
+                    masks[key] = param.detach() != 0
+                    param.register_hook(lambda grad, keep=masks[key]: grad * keep)
     return trainable, masks
-
-
-def _expert_mse_hook(teacher: nn.Module, terms: list[torch.Tensor]):
-    """Forward hook for a student experts module: appends, per expert with routed tokens, the
-    MSE between the teacher's same-index expert and the student's on the (detached) routed
-    inputs, using the ids the student's router chose."""
-
-    def hook(experts: nn.Module, args: tuple, _output) -> None:
-        hidden, ids = args[0].detach(), args[1]
-        for expert in range(int(experts.gate_up_proj.shape[0])):
-            token_idx = torch.where(ids == expert)[0]
-            if token_idx.numel() == 0:
-                continue
-            x = hidden[token_idx]
-            with torch.no_grad():
-                target = expert_forward(teacher, expert, x)
-            terms.append(nn.functional.mse_loss(expert_forward(experts, expert, x), target))
-
-    return hook
 
 
 def _resumed_state(path: Path, fingerprint: dict, steps: int) -> tuple[dict, dict, dict]:
@@ -138,7 +116,7 @@ def _resumed_state(path: Path, fingerprint: dict, steps: int) -> tuple[dict, dic
     return trainable, optimizer, extra
 
 
-def train_experts(
+def train_student(
     student: LazyCausalLM,
     teacher: LazyCausalLM,
     kept: dict[int, list[int]],
@@ -148,11 +126,10 @@ def train_experts(
     state_path: Path,
     fingerprint: dict,
     resume: bool,
-) -> TrainedExperts:
-    """Train the student's routed experts on ``data_ids``, saving resumable state to ``state_path``."""
+) -> TrainedStudent:
+    """Train the student on ``data_ids`` as ``settings`` say, saving resumable state to ``state_path``."""
     model = load_pruned(student.model_dir, dtype=torch.float32)
-    blocks = {i: student.adapter.moe_block(student.adapter.decoder_layers(model)[i]) for i in kept}
-    trainable, masks = _trainable_experts(model, blocks)
+    trainable, masks = _trainable(model, student.adapter, settings)
     optimizer = torch.optim.AdamW(trainable.values(), lr=settings.lr, weight_decay=0.0)
     history: list[dict] = []
     start = 0
@@ -163,9 +140,8 @@ def train_experts(
                 trainable[key].copy_(value)
         optimizer.load_state_dict(optimizer_state)
         history, start = extra["history"], int(extra["step"])
-    teachers = _teacher_experts(teacher, kept, model)
     kd_terms: list[torch.Tensor] = []
-    handles = [blocks[i].experts.register_forward_hook(_expert_mse_hook(teachers[i], kd_terms)) for i in blocks]
+    handles = make_target(settings.target, teacher, kept, list(settings.layers)).install(model, kd_terms)
     model.train()
     progress = tqdm(total=settings.steps, initial=start, desc="distill", unit="step")
     try:
@@ -176,7 +152,7 @@ def train_experts(
             logits = model(input_ids=batch, use_cache=False).logits
             ce = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
             kd = torch.stack(kd_terms).sum() if kd_terms else ce.new_zeros(())
-            loss = ce + settings.lam * kd
+            loss = ce + settings.lam * kd if settings.lam else ce
             if not torch.isfinite(loss):
                 raise InputError(f"distillation loss became {loss.item()} at step {step + 1}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
@@ -203,4 +179,4 @@ def train_experts(
         "masked": sum(int((~keep).sum()) for keep in masks.values()),
         "after": sum(int((trainable[key] == 0).sum()) for key in masks),
     }
-    return TrainedExperts(model, history, start, zeros)
+    return TrainedStudent(model, history, start, zeros, sum(p.numel() for p in trainable.values()))

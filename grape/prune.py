@@ -19,6 +19,7 @@ from grape.calibration.collect import collect_layer_stats, measure_layer
 from grape.calibration.runner import run_layerwise
 from grape.checkpoint import estimated_bytes, expert_counts
 from grape.layer_writer import ExpertEdit
+from grape.merge import MergeFit, apply_fitted, fit_merges, fresh_skeleton, merge_groups
 from grape.methods import get_method
 from grape.methods.base import ExpertPruningMethod, PruningPlan
 from grape.model_io import LazyCausalLM
@@ -37,6 +38,7 @@ class PruneOptions(CommonOptions):
         method: a registered pruning method (``grape.methods.available_methods()``).
         budget: how many experts to remove.
         merge: merge removed experts into their nearest kept neighbour instead of dropping.
+        merge_fit: how merged experts get their weights (:mod:`grape.merge`).
         sequential: re-choose each layer's experts on the already pruned layers' outputs.
         sample_tokens: tokens per layer on which every expert is evaluated.
         method_options: the method's own options (e.g. GRAPE's ``entropy_floor``).
@@ -45,6 +47,7 @@ class PruneOptions(CommonOptions):
     method: str
     budget: Budget
     merge: bool = False
+    merge_fit: MergeFit = MergeFit()
     sequential: bool = False
     sample_tokens: int = 512
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -94,10 +97,22 @@ class PrunePipeline(Pipeline):
         self.pruning: PruningPlan = self.method.plan(self.stats, self.limits, self.options.budget)
         if self.options.sequential:
             self.pruning = self._sequential_replan()
+        self.fitted = self._fit_merges()
+
+    def _fit_merges(self) -> dict:
+        """The least-squares merge's own pass over the calibration windows (:mod:`grape.merge`)."""
+        o, plan = self.options, self.pruning
+        if not o.merge or o.merge_fit.kind != "least_squares":
+            return {}
+        groups = {i: merge_groups(keep, plan.merge_into.get(i) or {}) for i, keep in plan.keep.items()}
+        surgery = lambda index, layer: self._apply(layer, index, plan)  # noqa: E731
+        return fit_merges(self.lazy, self.ids, groups, surgery, ridge=o.merge_fit.ridge, batch_size=o.batch_size)
 
     def transform_layer(self, index: int, layer: nn.Module) -> None:
         if index in self.pruning.keep:
             self._apply(layer, index, self.pruning)
+            if index in self.fitted:
+                apply_fitted(self.lazy.adapter.moe_block(layer), self.fitted[index].rows)
 
     def expert_edit(self, index: int) -> ExpertEdit | None:
         """Drop keeps experts' weights as they are; merge changes each target's (written from memory)."""
@@ -108,13 +123,15 @@ class PrunePipeline(Pipeline):
         return ExpertEdit(kept=tuple(keep), changed=frozenset(keep.index(t) for t in targets))
 
     def _apply(self, layer: nn.Module, index: int, plan: PruningPlan) -> None:
-        """Surgery on one materialised decoder layer according to ``plan``."""
+        """Surgery on one materialised decoder layer according to ``plan`` (weights averaged
+        only where the merge fit asks for it; the least-squares rows are written after)."""
         limits = self.limits[index]
+        merge_into = plan.merge_into.get(index) if self.options.merge_fit.averages_weights else None
         prune_block(
             self.lazy.adapter.moe_block(layer),
             self.lazy.adapter,
             plan.keep[index],
-            merge_into=plan.merge_into.get(index) or None,
+            merge_into=merge_into or None,
             freq=self.stats[index].freq,
             min_keep=limits.min_keep,
             n_group=limits.n_group,
@@ -133,6 +150,7 @@ class PrunePipeline(Pipeline):
             "budget": {**o.budget.to_json(), "removed_total": removed},
             "kept_experts": {str(i): k for i, k in plan.keep.items()},
             "merged_into": {str(i): {str(a): b for a, b in m.items()} for i, m in plan.merge_into.items() if m},
+            "merge_fits": {str(i): {str(e): r for e, r in f.record.items()} for i, f in self.fitted.items()} or None,
             "scores": {str(i): s for i, s in plan.scores.items()},
             "method_info": plan.info,
             "calibration": {
@@ -165,8 +183,7 @@ class PrunePipeline(Pipeline):
         try:
             run_layerwise(lazy, self.ids, visit, batch_size=o.batch_size, sequential=True, layers=sorted(first.keep), desc="sequential pruning")
         finally:
-            # the skeleton was shrunk while pruning in place; rebuild it for the write pass
-            lazy.model = LazyCausalLM.open(lazy.model_dir, dtype=lazy.dtype, device=str(lazy.device)).model
+            lazy.model = fresh_skeleton(lazy)  # the skeleton was shrunk while pruning in place
         info = {**first.info, "sequential": {"counts_from": "first pass", "rescored_layers": sorted(keep)}}
         return PruningPlan(keep=keep, merge_into=merge_into, scores=scores, info=info)
 

@@ -12,6 +12,7 @@ from grape.comparison import Variant, relative_perplexity
     [
         ("grape", Variant("grape")),
         ("grape+merge", Variant("grape", merge=True)),
+        ("grape+merge=average", Variant("grape", merge=True, merge_fit="average")),
         ("grape:entropy_floor=0.8,cost=reroute", Variant("grape", options={"entropy_floor": 0.8, "cost": "reroute"})),
         ("naee+merge:beam_width=4", Variant("naee", merge=True, options={"beam_width": 4})),
     ],

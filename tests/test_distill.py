@@ -84,14 +84,20 @@ def _interrupt(*args, **kwargs):
     raise KeyboardInterrupt
 
 
-def test_resume_continues_from_the_saved_step(models, tmp_path, monkeypatch) -> None:
-    options = dict(lr=3e-3, lam=0.5, batch_size=2, checkpoint_every=2)
-    full = distill(models["sparse"], models["teacher"], _data(), steps=4, out_dir=tmp_path / "full", **options)
-
+def _full_and_interrupted(student: Path, teacher: Path, tmp_path: Path, monkeypatch, options: dict) -> dict:
+    """An uninterrupted 4-step run into ``full`` (its report), and a run into ``out`` that is
+    interrupted after its checkpoint at step 2, before the output is written."""
+    full = distill(student, teacher, _data(), steps=4, out_dir=tmp_path / "full", **options)
     with monkeypatch.context() as patch:
         patch.setattr(grape.pipeline, "write_checkpoint", _interrupt)
         with pytest.raises(KeyboardInterrupt):
-            distill(models["sparse"], models["teacher"], _data(), steps=2, out_dir=tmp_path / "out", **options)
+            distill(student, teacher, _data(), steps=2, out_dir=tmp_path / "out", **options)
+    return full
+
+
+def test_resume_continues_from_the_saved_step(models, tmp_path, monkeypatch) -> None:
+    options = dict(lr=3e-3, lam=0.5, batch_size=2, checkpoint_every=2)
+    full = _full_and_interrupted(models["sparse"], models["teacher"], tmp_path, monkeypatch, options)
     assert not (tmp_path / "out").exists()
     assert (tmp_path / ".out.distill-ckpt" / "state.safetensors").is_file()
 
@@ -113,7 +119,9 @@ def test_resume_continues_from_the_saved_step(models, tmp_path, monkeypatch) -> 
 
 def test_student_experts_are_compared_with_their_original_teacher_experts(models, tmp_path) -> None:
     """A ragged student pruned without sparsity is its kept teacher experts: zero expert MSE."""
-    report = distill(models["ragged"], models["teacher"], _data(), steps=1, lr=1e-6, lam=1.0, out_dir=tmp_path / "mapped")
+    report = distill(
+        models["ragged"], models["teacher"], _data(), steps=1, lr=1e-6, lam=1.0, out_dir=tmp_path / "mapped", target="experts"
+    )
     assert report["history"][0]["kd"] == 0.0
     assert report["kept_experts"] == {"0": [0, 2, 3], "1": [1, 3]}
 
@@ -122,7 +130,9 @@ def test_student_experts_are_compared_with_their_original_teacher_experts(models
     for item in models["ragged"].iterdir():
         if item.name != "grape_report.json":
             (unmapped / item.name).symlink_to(item)
-    report = distill(unmapped, models["teacher"], _data(), steps=1, lr=1e-6, lam=1.0, out_dir=tmp_path / "identity")
+    report = distill(
+        unmapped, models["teacher"], _data(), steps=1, lr=1e-6, lam=1.0, out_dir=tmp_path / "identity", target="experts"
+    )
     assert report["kept_experts"] == {"0": [0, 1, 2], "1": [0, 1]}
     assert report["history"][0]["kd"] > 0.0
 
@@ -167,3 +177,85 @@ def test_bad_models_and_data_fail_before_training(models, tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="the teacher has 4"):
         distill(broken, models["teacher"], _data(), steps=1, lr=1e-3, lam=1.0, out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def pruned(models, tmp_path_factory) -> dict[str, Path]:
+    """Expert-pruned students of the teacher: layer 0 dropped to 3 experts and layer 1 kept
+    whole, and a GRAPE merge to half the experts (through ``grape prune``)."""
+    from grape.budget import Budget
+    from grape.prune import PruneOptions, prune
+
+    root = tmp_path_factory.mktemp("pruned")
+    lazy = LazyCausalLM.open(models["teacher"])
+    kept = {0: [0, 2, 3], 1: [0, 1, 2, 3]}
+    save_checkpoint(
+        lazy, root / "partial", transform_layer=lambda i, layer: prune_block(layer.mlp, lazy.adapter, kept[i]),
+        report={"step": "expert_pruning", "kept_experts": {str(k): v for k, v in kept.items()}},
+    )
+    prune(PruneOptions(model=str(models["teacher"]), out=str(root / "merged"), calib_ids=_data(8), method="grape",
+                       budget=Budget(ratio=0.5), merge=True, use_cache=False))  # fmt: skip
+    return {"partial": root / "partial", "merged": root / "merged"}
+
+
+def _changed(before: Path, after: Path) -> set[str]:
+    old, new = (load_pruned(p, dtype=torch.float32).state_dict() for p in (before, after))
+    assert old.keys() == new.keys()
+    return {name for name in old if not torch.equal(old[name], new[name])}
+
+
+def test_an_expert_pruned_student_trains_the_router_and_experts_of_the_layers_that_lost_experts(pruned, models, tmp_path) -> None:
+    report = distill(pruned["partial"], models["teacher"], _data(), steps=4, lr=3e-3, out_dir=tmp_path / "out", batch_size=4)
+    assert report["target"] == "blocks"
+    assert report["trained"]["parts"] == ["router", "experts"] and report["trained"]["layers"] == [0]
+    assert _changed(pruned["partial"], tmp_path / "out") == {
+        "model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj",
+    }  # fmt: skip
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["grape_experts_per_layer"] == [3, 4]
+    history = report["history"]  # one batch holds all the data: the same batch every step
+    assert history[-1]["loss"] < history[0]["loss"] and history[-1]["kd"] < history[0]["kd"]
+
+
+def test_the_block_term_is_the_unpruned_blocks_output_on_the_students_inputs(models, tmp_path) -> None:
+    """Step 1's term against a direct computation: the student's block inputs captured from a
+    plain forward, the teacher's blocks from transformers' own loading of the unpruned model."""
+    from transformers import AutoModelForCausalLM
+
+    report = distill(models["ragged"], models["teacher"], _data(), steps=1, lr=1e-6, out_dir=tmp_path / "out", batch_size=4)
+    student = load_pruned(models["ragged"], dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(models["teacher"], dtype=torch.float32).eval()
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(index: int, args: tuple, out: torch.Tensor) -> None:
+        seen[index] = (args[0], out)
+
+    for i, layer in enumerate(student.model.layers):
+        layer.mlp.register_forward_hook(lambda _m, args, out, i=i: keep(i, args, out))
+    with torch.no_grad():
+        student(input_ids=_data())
+        expected = sum(torch.nn.functional.mse_loss(out, teacher.model.layers[i].mlp(x)) for i, (x, out) in seen.items())
+    assert report["trained"]["layers"] == [0, 1]
+    assert report["history"][0]["kd"] == pytest.approx(float(expected), rel=1e-5)
+    assert report["history"][0]["kd"] > 0
+
+
+def test_router_recalibration_trains_the_routers_alone(pruned, models, tmp_path) -> None:
+    report = distill(pruned["merged"], models["teacher"], _data(), steps=2, lr=3e-3, out_dir=tmp_path / "out", train="router")
+    layers = report["trained"]["layers"]
+    assert layers and report["trained"]["parts"] == ["router"]
+    assert _changed(pruned["merged"], tmp_path / "out") == {f"model.layers.{i}.mlp.gate.weight" for i in layers}
+    merged_report = json.loads((pruned["merged"] / "grape_report.json").read_text())
+    assert report["kept_experts"] == merged_report["kept_experts"]
+    assert report["experts_per_layer"] == merged_report["experts_per_layer"]
+
+
+def test_an_expert_pruned_student_resumes_bit_for_bit(pruned, models, tmp_path, monkeypatch) -> None:
+    options = dict(lr=3e-3, lam=0.5, batch_size=2, checkpoint_every=2)
+    full = _full_and_interrupted(pruned["merged"], models["teacher"], tmp_path, monkeypatch, options)
+    with pytest.raises(ValueError, match="different target, train"):
+        distill(pruned["merged"], models["teacher"], _data(), steps=4, out_dir=tmp_path / "out", resume=True,
+                target="experts", **options)  # fmt: skip
+    resumed = distill(pruned["merged"], models["teacher"], _data(), steps=4, out_dir=tmp_path / "out", resume=True, **options)
+    assert resumed["resumed_from_step"] == 2 and resumed["history"] == full["history"]
+    want, got = (load_pruned(p, dtype=torch.float32).state_dict() for p in (tmp_path / "full", tmp_path / "out"))
+    assert all(torch.equal(got[name], want[name]) for name in want)

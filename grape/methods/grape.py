@@ -49,12 +49,13 @@ matrix changes, an O(S K) refresh.
 
 **Merge mode** (``merge=True``) plans exactly like drop mode and then merges every removed
 expert into the substitute that took over its tokens (chains resolved to the kept expert);
-the surgery averages their weights by routed-token frequency. The plan deliberately does *not*
-model the merged expert's output as the frequency-weighted average of the members' outputs:
-an average of *weights* is not an average of *outputs* for a nonlinear expert, and modelling
-it as one makes a merged cluster (whose averaged output is smaller than either member's) look
-like a cheap substitute for still more experts, so clusters snowball (measured: README,
-"Measured choices").
+:mod:`grape.merge` then refits the substitute's down projection to its group's outputs (or,
+with ``--merge-fit average``, the surgery averages their weights by routed-token frequency).
+The plan deliberately does *not* model the merged expert's output as the frequency-weighted
+average of the members' outputs: an average of *weights* is not an average of *outputs* for a
+nonlinear expert, and modelling it as one makes a merged cluster (whose averaged output is
+smaller than either member's) look like a cheap substitute for still more experts, so clusters
+snowball (measured: README, "Measured choices").
 A grouped layer (n_group > 1) removes the cheapest expert of every group in one step, so every
 group keeps the same count; min_keep bounds the number of steps per layer. The step is ranked
 by its cost *per removed expert* (the summed cost / n_group): with one n_group for the whole
