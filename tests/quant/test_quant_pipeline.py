@@ -165,7 +165,8 @@ def test_merge_requantizes_the_merged_experts_and_reports_the_error(arch, work, 
                 ours_w = getattr(ours.model.layers[int(layer)].mlp.experts, leaf)[j]
                 exact_w = getattr(merged.model.layers[int(layer)].mlp.experts, leaf)[j]
                 error = relative_error(exact_w, ours_w)
-                assert 0 < error < limit
+                # the least-squares merge refits down_proj only: gate_up_proj keeps the source's values
+                assert (0 < error < limit) if leaf == "down_proj" else (error < limit)
                 if arch == "gpt_oss":  # one error per re-quantized fused row
                     assert error == pytest.approx(errors[f"model.layers.{layer}.mlp.experts.{leaf}[{j}]"], rel=1e-6)
     assert 0 < report["quantization"]["requantized"]["max_relative_error"] < limit
