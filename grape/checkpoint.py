@@ -145,7 +145,8 @@ def _write_config(lazy: LazyCausalLM, directory: Path, counts: list[int | None])
     largest = max(c for c in counts if c is not None)
     scalar = scalar_expert_count(counts, adapter.num_experts(lazy.config), lazy.config) if has_mtp else largest
     setattr(config, adapter.count_key, scalar)
-    _write_per_layer_config(config, adapter.count_key, counts, scalar)
+    if adapter.per_layer_config:
+        _write_per_layer_config(config, adapter.count_key, counts, scalar)
     base = type(lazy.model).__name__
     config.auto_map = {"AutoModelForCausalLM": f"modeling_grape.Grape{base}"}
     config.dtype = lazy.checkpoint_dtype

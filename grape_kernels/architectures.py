@@ -61,6 +61,10 @@ class MoEAdapter:
         block_attr: attribute of a decoder layer holding its MoE block (dense layers lack experts).
         router_attr: attribute of the MoE block holding the router.
         shared_attrs: attributes of the MoE block that are shared experts (never pruned).
+        per_layer_config: whether a checkpoint may also carry its per-layer counts in
+            transformers' heterogeneous ``per_layer_config``. False for MLA attention
+            (DeepSeek): vLLM 0.32 refuses any heterogeneous MLA config
+            ("Heterogeneous MLA models are not supported").
     """
 
     name: str
@@ -75,6 +79,7 @@ class MoEAdapter:
     block_attr: str = "mlp"
     router_attr: str = "gate"
     shared_attrs: tuple[str, ...] = ()
+    per_layer_config: bool = True
 
     def __post_init__(self) -> None:
         if self.routing_mode not in ROUTING_MODES:
@@ -192,12 +197,12 @@ ADAPTERS: tuple[MoEAdapter, ...] = (
     MoEAdapter(
         "DeepSeek-V3", ("deepseek_v3",), count_key="n_routed_experts", router_class="DeepseekV3TopkRouter",
         routing_mode="sigmoid_group", group_score="top2_sum", float32_router_logits=True,
-        router_weights_in_logits_dtype=False, shared_attrs=("shared_experts",),
+        router_weights_in_logits_dtype=False, shared_attrs=("shared_experts",), per_layer_config=False,
     ),
     MoEAdapter(
         "DeepSeek-V2", ("deepseek_v2",), count_key="n_routed_experts", router_class="DeepseekV2TopkRouter",
         renormalize=False, float32_router_logits=True, router_weights_in_logits_dtype=False,
-        shared_attrs=("shared_experts",),
+        shared_attrs=("shared_experts",), per_layer_config=False,
     ),
     MoEAdapter(
         "GPT-OSS", ("gpt_oss",), count_key="num_local_experts", router_class="GptOssTopKRouter",
