@@ -42,6 +42,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _memory_size(text: str) -> int:
+    from grape.memory import parse_memory_size
+
+    try:
+        return parse_memory_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (never inside or around an input)")
     parser.add_argument("--overwrite", action="store_true", help="replace an empty directory or a previous grape output")
@@ -54,6 +63,8 @@ def _add_calibration_flags(parser: argparse.ArgumentParser, *, required: bool = 
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="torch device for calibration (default cpu)")
     parser.add_argument("--dtype", default=None, help="working dtype (float32, bfloat16, float16; default: the checkpoint's)")
+    parser.add_argument("--max-memory", type=_memory_size, default=None, metavar="SIZE",
+                        help="memory this run may use, e.g. 20GB (default: 90%% of the available memory)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +152,7 @@ def _common(args) -> dict:
     return {
         "model": args.model, "out": args.out, "overwrite": args.overwrite, "device": args.device,
         "dtype": args.dtype, "seed": args.seed, "calib": args.calib, "seq_len": args.seq_len,
+        "max_memory": getattr(args, "max_memory", None),  # distill has no --max-memory
     }  # fmt: skip
 
 
@@ -278,6 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"grape {args.command}: interrupted; no output was written", file=sys.stderr)
             return 130
         except Exception as exc:
+            if _Terminated.requested:  # a library turned our _Terminated into its own error
+                print(f"grape {args.command}: terminated; no output was written", file=sys.stderr)
+                return 143
             if debug:
                 raise
             print(f"grape {args.command}: error: {_one_line(exc)}", file=sys.stderr)
@@ -300,12 +315,20 @@ def _one_line(exc: Exception) -> str:
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that every cleanup path (temporary output, lock) runs."""
+    """SIGTERM, raised like Ctrl-C so that every cleanup path (temporary output, lock) runs.
+
+    ``requested`` records the signal itself: raised inside torch's C++ (a tensor being built
+    from a buffer), the exception can come back as an unrelated ``TypeError``, and the exit
+    status must still say "terminated", not "error".
+    """
+
+    requested = False
 
 
 @contextlib.contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
     def terminate(_signum, _frame):
+        _Terminated.requested = True
         raise _Terminated
 
     previous = signal.signal(signal.SIGTERM, terminate)

@@ -79,6 +79,7 @@ class CommonOptions:
         calib_samples, seq_len: how many windows of how many tokens ``calib`` is cut into.
         batch_size: windows per forward pass.
         use_cache: reuse cached calibration statistics (commands that have them).
+        max_memory: bytes the run may hold (None: see :func:`grape.memory.memory_budget`).
     """
 
     model: str
@@ -93,8 +94,9 @@ class CommonOptions:
     seq_len: int = 512
     batch_size: int = 8
     use_cache: bool = True
+    max_memory: int | None = None
 
-    not_recorded: ClassVar[tuple[str, ...]] = ("out", "calib_ids", "overwrite")
+    not_recorded: ClassVar[tuple[str, ...]] = ("out", "calib_ids", "overwrite", "max_memory")
     """How a run was started rather than what it computes: left out of the report, so that a
     repeated or resumed run writes the same report."""
 

@@ -240,7 +240,8 @@ def test_sigterm_while_writing_leaves_nothing(base, tmp_path):
     while time.time() < deadline and proc.poll() is None and not list(tmp_path.glob(".out.grape-tmp-*")):
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) in (0, 143)  # too late to stop (0) or stopped cleanly (143)
+    code = proc.wait(timeout=120)
+    assert code in (0, 143), proc.stderr.read()  # too late to stop (0) or stopped cleanly (143)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
 
 

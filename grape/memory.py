@@ -1,0 +1,56 @@
+"""The memory budget of a run: ``--max-memory`` parsed, or what the machine has available.
+
+One place for the fact "how much memory may this run use", read by calibration (how many
+experts to materialise at once) and by the dry run (refuse a run that cannot fit before heavy
+work). Sizes are bytes everywhere inside grape; only this module reads the user's spelling.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from grape.errors import InputError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+
+DEFAULT_FRACTION = 0.9
+"""Share of the machine's available memory a run may use when ``--max-memory`` is not given:
+the rest is head-room for the page cache of the checkpoint being read and for other programs."""
+
+
+def parse_memory_size(text: str) -> int:
+    """``"20GB"``, ``"18GiB"``, ``"512MB"``, ``"1e9"`` -> bytes; raises InputError naming the value."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise InputError(f"--max-memory {text!r} is not a size; write it like 20GB, 18GiB or 512MB")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise InputError(f"--max-memory {text!r} must be more than zero")
+    return value
+
+
+def available_memory_bytes() -> int:
+    """Memory the kernel says a new allocation can get now (``MemAvailable``), or total RAM
+    where /proc/meminfo is not there (not Linux)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_budget(max_memory: int | None) -> int:
+    """The bytes this run may hold: ``max_memory`` when given, else a share of what is available."""
+    if max_memory is not None:
+        return max_memory
+    return int(available_memory_bytes() * DEFAULT_FRACTION)
+
