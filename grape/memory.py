@@ -56,8 +56,8 @@ def memory_budget(max_memory: int | None) -> int:
 
 
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-_MMAP_THRESHOLD_BYTES = 128 << 10
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+_THRESHOLD_BYTES = 128 << 10
 
 
 def return_freed_memory_promptly() -> None:
@@ -65,10 +65,10 @@ def return_freed_memory_promptly() -> None:
 
     glibc serves allocations above a threshold with their own memory maps, returned to the
     system when freed, but it raises that threshold to the size of each large block freed (up to
-    32 MB). After the first layer is released, a layer's tensors of a few MB come from the heap,
-    whose freed holes stay resident: measured, +30% peak RSS from 8 to 16 layers for prune, none
-    with the threshold held at its initial 128 KiB (``benchmarks/memory_depth.py``). Setting it
-    explicitly also turns the raising off.
+    32 MB), and the heap's trim threshold to twice that. After the first layer is released, a
+    layer's tensors of a few MB come from the heap, whose freed holes stay resident: measured,
+    +30% peak RSS from 8 to 16 layers for prune, none with the thresholds held at their initial
+    128 KiB (``benchmarks/memory_depth.py``). Setting them explicitly turns the raising off.
     """
     import ctypes
     import ctypes.util
@@ -77,6 +77,7 @@ def return_freed_memory_promptly() -> None:
     try:
         libc = ctypes.CDLL(name) if name else None
         if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+            libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD_BYTES)
+            libc.mallopt(_M_TRIM_THRESHOLD, _THRESHOLD_BYTES)
     except OSError:  # not glibc, or no libc to load: the allocator keeps its own policy
         pass

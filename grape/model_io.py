@@ -166,8 +166,11 @@ class LazyCausalLM:
         """The skeleton and, where the weight files are all there, their headers (``index``; else None).
 
         For the dry run (:mod:`grape.dry_run`): a directory holding only ``config.json`` can be
-        planned before its weights are downloaded. Nothing can be materialised from it.
+        planned before its weights are downloaded. Nothing can be materialised from it, and
+        nothing is fetched from the Hub (that would download the weights).
         """
+        if not Path(name_or_path).exists():
+            raise CheckpointError(f"--dry-run plans a local directory, and {str(name_or_path)!r} is not one (download its config.json)")
         return cls._skeleton(name_or_path, dtype=dtype, device="cpu", weights=False)
 
     @classmethod
