@@ -70,14 +70,29 @@ def return_freed_memory_promptly() -> None:
     +30% peak RSS from 8 to 16 layers for prune, none with the thresholds held at their initial
     128 KiB (``benchmarks/memory_depth.py``). Setting them explicitly turns the raising off.
     """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):  # not glibc: the allocator keeps its own policy
+        libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD_BYTES)
+        libc.mallopt(_M_TRIM_THRESHOLD, _THRESHOLD_BYTES)
+
+
+def trim_freed_memory() -> None:
+    """Hand the free pages inside the allocator's heaps back to the system (glibc ``malloc_trim``).
+
+    Called when a layer is released: the holes its tensors leave in the heap would otherwise stay
+    resident, and with every layer a little more of them (fragmentation) is never reused.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _libc():
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD_BYTES)
-            libc.mallopt(_M_TRIM_THRESHOLD, _THRESHOLD_BYTES)
-    except OSError:  # not glibc, or no libc to load: the allocator keeps its own policy
-        pass
+        return ctypes.CDLL(name) if name else None
+    except OSError:  # no C library to load: the allocator keeps its own policy
+        return None

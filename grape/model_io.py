@@ -23,7 +23,7 @@ from torch import nn
 
 from grape.checkpoint_files import CheckpointError, CheckpointIndex, load_config, source_format, weight_files_present
 from grape.errors import InputError
-from grape.memory import return_freed_memory_promptly
+from grape.memory import return_freed_memory_promptly, trim_freed_memory
 from grape.quant.formats import QuantFormat, check_tensors
 from grape_kernels.architectures import MoEAdapter, get_adapter
 
@@ -247,9 +247,10 @@ class LazyCausalLM:
             _set_tensor(module, name, value.to(device=self.device))
 
     def release(self, module: nn.Module) -> None:
-        """Return ``module``'s parameters to the meta device (free their memory)."""
+        """Return ``module``'s parameters to the meta device (free their memory, pages included)."""
         for name, param in list(module.named_parameters()):
             _set_tensor(module, name, torch.empty_like(param, device="meta"))
+        trim_freed_memory()
 
     def layer_prefix(self, index: int) -> str:
         return f"model.layers.{index}"
