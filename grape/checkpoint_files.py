@@ -43,6 +43,7 @@ __all__ = [
     "load_config",
     "source_format",
     "weight_files",
+    "weight_files_present",
     "read_header",
     "read_layout",
     "tensor_type",
@@ -198,6 +199,15 @@ def weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     if not files:
         raise CheckpointError(f"{folder} has no safetensors weights (model.safetensors or {_INDEX})")
     return files, None
+
+
+def weight_files_present(folder: Path) -> bool:
+    """Whether every weight file of ``folder`` is there (a folder of only ``config.json``: False)."""
+    index = folder / _INDEX
+    if index.is_file():
+        weight_map = (_read_json(index) or {}).get("weight_map") or {}
+        return bool(weight_map) and all((folder / name).is_file() for name in set(weight_map.values()))
+    return any(folder.glob("*.safetensors"))
 
 
 def read_header(path: Path) -> list[TensorEntry]:

@@ -51,9 +51,15 @@ def _memory_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _add_output_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output directory (never inside or around an input)")
+def _add_output_flags(parser: argparse.ArgumentParser, *, plannable: bool = False) -> None:
+    """``--out``/``--overwrite``; a ``plannable`` command also takes ``--dry-run [--json]`` (then no ``--out``)."""
+    parser.add_argument("--out", required=not plannable, help="output directory (never inside or around an input)")
     parser.add_argument("--overwrite", action="store_true", help="replace an empty directory or a previous grape output")
+    if plannable:
+        parser.add_argument("--dry-run", action="store_true",
+                            help="read only config.json and weight headers; print per-layer experts and bytes, "
+                                 "predicted peak memory, output size and calibration FLOPs; write nothing")
+        parser.add_argument("--json", dest="plan_json", action="store_true", help="with --dry-run: print one JSON object")
 
 
 def _add_calibration_flags(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -87,12 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--merge: refit each merge target's down projection by least squares on the calibration "
                    "tokens (default), or average the merged weights by routed-token frequency")
     p.add_argument("--merge-ridge", type=float, default=1e-3, help="--merge-fit least_squares: relative ridge (default 1e-3)")
-    _add_calibration_flags(p)
+    _add_calibration_flags(p, required=False)  # checked by the pipeline: a dry run needs no text
     p.add_argument("--sequential", action="store_true", help="calibrate each layer on the already pruned layers' outputs")
     p.add_argument("--sample-tokens", type=_positive_int, default=512, help="tokens per layer on which every expert is evaluated (default 512)")
     p.add_argument("--entropy-floor", type=float, default=None, help="GRAPE: minimum normalised entropy of removals over layers")
     p.add_argument("--no-cache", action="store_true", help="recompute calibration statistics even if cached")
-    _add_output_flags(p)
+    _add_output_flags(p, plannable=True)
     p.set_defaults(func=_cmd_prune)
 
     s = sub.add_parser("sparsify", parents=[every], help="unstructured or N:M weight sparsity inside experts (MoE-Pruner)")
@@ -101,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sparsity", type=float, required=True, help="fraction of expert weights to zero, in [0, 1)")
     s.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4")
     _add_calibration_flags(s, required=False)
-    _add_output_flags(s)
+    _add_output_flags(s, plannable=True)
     s.set_defaults(func=_cmd_sparsify)
 
     d = sub.add_parser("distill", parents=[every], help="expert-wise knowledge distillation of a pruned model")
@@ -160,18 +166,35 @@ def build_parser() -> argparse.ArgumentParser:
 def _common(args) -> dict:
     """The :class:`grape.pipeline.CommonOptions` fields every writing command's flags give."""
     return {
-        "model": args.model, "out": args.out, "overwrite": args.overwrite, "device": args.device,
+        "model": args.model, "out": args.out or "", "overwrite": args.overwrite, "device": args.device,
         "dtype": args.dtype, "seed": args.seed, "calib": args.calib, "seq_len": args.seq_len,
         "max_memory": getattr(args, "max_memory", None),  # distill has no --max-memory
     }  # fmt: skip
 
 
+def _planned(args, pipeline) -> bool:
+    """Print ``--dry-run``'s plan of ``pipeline`` and return True; False for a real run (needs ``--out``)."""
+    if not args.dry_run:
+        if args.out is None:
+            from grape.errors import InputError
+
+            raise InputError("--out is required (or --dry-run to only plan the run)")
+        return False
+    from grape.dry_run import format_plan
+    from grape.pipeline import dry_run
+
+    plan, budget = dry_run(pipeline)
+    print(json.dumps({**plan, "memory_budget_bytes": budget}) if args.plan_json else format_plan(plan, budget=budget))
+    return True
+
+
 def _cmd_prune(args) -> None:
     from grape.merge import MergeFit
-    from grape.prune import PruneOptions, prune
+    from grape.pipeline import run_pipeline
+    from grape.prune import PruneOptions, PrunePipeline
 
     options = {} if args.entropy_floor is None else {"entropy_floor": args.entropy_floor}
-    report = prune(
+    pipeline = PrunePipeline(
         PruneOptions(
             **_common(args), calib_samples=args.calib_samples, method=args.method, budget=args.budget, merge=args.merge,
             merge_fit=MergeFit(kind=args.merge_fit, ridge=args.merge_ridge), sequential=args.sequential,
@@ -179,20 +202,27 @@ def _cmd_prune(args) -> None:
             method_options=options,
         )
     )  # fmt: skip
+    if _planned(args, pipeline):
+        return
+    report = run_pipeline(pipeline)
     print(f"wrote {Path(args.out).resolve()}")
     print(f"experts per layer: {report['experts_per_layer']}")
     print(f"parameters: {report['parameters_before']:,} -> {report['parameters_after']:,}; time {report['timings_s']['total']:.1f}s")
 
 
 def _cmd_sparsify(args) -> None:
-    from grape.sparsity.sparsify import SparsifyOptions, sparsify
+    from grape.pipeline import run_pipeline
+    from grape.sparsity.sparsify import SparsifyOptions, SparsifyPipeline
 
-    report = sparsify(
+    pipeline = SparsifyPipeline(
         SparsifyOptions(
             **_common(args), calib_samples=args.calib_samples, method=args.method, sparsity=args.sparsity,
             pattern=args.pattern,
         )
     )  # fmt: skip
+    if _planned(args, pipeline):
+        return
+    report = run_pipeline(pipeline)
     totals = report["expert_weights"]
     print(f"wrote {Path(args.out).resolve()}")
     print(

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from grape.checkpoint_files import CheckpointError, CheckpointIndex, load_config, source_format
+from grape.checkpoint_files import CheckpointError, CheckpointIndex, load_config, source_format, weight_files_present
 from grape.errors import InputError
+from grape.memory import return_freed_memory_promptly, trim_freed_memory
 from grape.quant.formats import QuantFormat, check_tensors
 from grape_kernels.architectures import MoEAdapter, get_adapter
 
@@ -126,7 +127,7 @@ class LazyCausalLM:
         self,
         model_dir: Path,
         model: nn.Module,
-        index: CheckpointIndex,
+        index: CheckpointIndex | None,
         dtype: torch.dtype,
         device: str,
         checkpoint_dtype: torch.dtype | None = None,
@@ -144,7 +145,7 @@ class LazyCausalLM:
     @property
     def format(self) -> QuantFormat:
         """The checkpoint's weight format (unquantized, block-scaled FP8 or MXFP4)."""
-        return self.index.format
+        return self.index.format if self.index is not None else source_format(self.model_dir)
 
     @classmethod
     def open(
@@ -155,6 +156,25 @@ class LazyCausalLM:
         Raises :class:`~grape_kernels.architectures.UnsupportedModelError` for non-MoE models and
         :class:`CheckpointError` for missing/corrupt weights, both before any heavy work.
         """
+        lazy = cls._skeleton(name_or_path, dtype=dtype, device=device, weights=True)
+        lazy._check_complete()
+        return_freed_memory_promptly()  # released layers must leave the RSS (grape.memory)
+        return lazy
+
+    @classmethod
+    def open_for_plan(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> LazyCausalLM:
+        """The skeleton and, where the weight files are all there, their headers (``index``; else None).
+
+        For the dry run (:mod:`grape.dry_run`): a directory holding only ``config.json`` can be
+        planned before its weights are downloaded. Nothing can be materialised from it, and
+        nothing is fetched from the Hub (that would download the weights).
+        """
+        if not Path(name_or_path).exists():
+            raise CheckpointError(f"--dry-run plans a local directory, and {str(name_or_path)!r} is not one (download its config.json)")
+        return cls._skeleton(name_or_path, dtype=dtype, device="cpu", weights=False)
+
+    @classmethod
+    def _skeleton(cls, name_or_path, *, dtype: torch.dtype | None, device, weights: bool) -> LazyCausalLM:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
@@ -163,8 +183,10 @@ class LazyCausalLM:
         config = load_config(model_dir)
         get_adapter(config)
         fmt = source_format(model_dir)
-        index = CheckpointIndex(model_dir, fmt)
-        check_tensors(fmt, index.tensor_infos())
+        index = None
+        if weights or weight_files_present(model_dir):
+            index = CheckpointIndex(model_dir, fmt)
+            check_tensors(fmt, index.tensor_infos())
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the skeleton holds dequantized weights, as transformers' does
         checkpoint_dtype = _config_dtype(config)
@@ -176,9 +198,7 @@ class LazyCausalLM:
         apply_ragged_experts(model)
         model.eval()
         model.config.dtype = checkpoint_dtype  # from_config(dtype=...) overwrote it
-        lazy = cls(model_dir, model, index, dtype, device, checkpoint_dtype)
-        lazy._check_complete()
-        return lazy
+        return cls(model_dir, model, index, dtype, device, checkpoint_dtype)
 
     def _check_complete(self) -> None:
         missing = [
@@ -227,9 +247,10 @@ class LazyCausalLM:
             _set_tensor(module, name, value.to(device=self.device))
 
     def release(self, module: nn.Module) -> None:
-        """Return ``module``'s parameters to the meta device (free their memory)."""
+        """Return ``module``'s parameters to the meta device (free their memory, pages included)."""
         for name, param in list(module.named_parameters()):
             _set_tensor(module, name, torch.empty_like(param, device="meta"))
+        trim_freed_memory()
 
     def layer_prefix(self, index: int) -> str:
         return f"model.layers.{index}"

@@ -46,13 +46,16 @@ from torch import nn
 
 from grape.checkpoint import estimated_bytes, expert_counts, write_checkpoint
 from grape.data import build_calibration_ids, load_texts, tokenize_documents
+from grape.dry_run import check_fits, estimate
 from grape.errors import InputError
 from grape.layer_writer import ExpertEdit
+from grape.memory import memory_budget
+from grape.memory_model import Workload
 from grape.model_io import LazyCausalLM, check_positions, load_tokenizer, parse_dtype
 from grape.output_guard import claim_output
 from grape.report import previous_report, write_report
 
-__all__ = ["STAGES", "CommonOptions", "Pipeline", "stage_labels", "run_pipeline"]
+__all__ = ["STAGES", "CommonOptions", "Pipeline", "stage_labels", "run_pipeline", "dry_run"]
 
 STAGES = ("open", "validate", "calibrate", "plan", "write", "report")
 
@@ -132,6 +135,13 @@ class Pipeline(ABC):
     @abstractmethod
     def validate(self) -> None:
         """Check the command's options against the model; load calibration data if needed."""
+
+    def validate_plan(self) -> None:  # noqa: B027  (a stage a command may leave out)
+        """The part of :meth:`validate` a dry run does too: options against the skeleton, no data."""
+
+    def workload(self) -> Workload | None:
+        """What the run does, for the memory model (:mod:`grape.dry_run`; None: not modelled)."""
+        return None
 
     def calibrate(self) -> None:  # noqa: B027  (a stage a command may leave out)
         """Forward passes over the calibration data (nothing by default)."""
@@ -241,6 +251,9 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, Any]:
     lazy = pipeline.lazy
     with clock("validate"):
         pipeline.validate()
+        work = pipeline.workload()
+        if work is not None:
+            check_fits(lazy, work, o.max_memory)
         claim = claim_output(o.out, inputs=pipeline.inputs(), overwrite=o.overwrite, needed_bytes=pipeline.estimated_bytes())
     with claim:
         with clock("calibrate"):
@@ -275,3 +288,16 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, Any]:
         claim.commit()
     pipeline.finished()
     return report
+
+
+def dry_run(pipeline: Pipeline) -> tuple[dict[str, Any], int]:
+    """The run's plan from ``config.json`` and headers only (:mod:`grape.dry_run`) and its memory budget.
+
+    Reads no tensor data, no tokenizer and no calibration text; writes nothing.
+    """
+    o = pipeline.options
+    pipeline.lazy = LazyCausalLM.open_for_plan(o.model, dtype=parse_dtype(o.dtype))
+    pipeline.validate_plan()
+    budget = memory_budget(o.max_memory)
+    calib = o.calib if o.calib_ids is None else None
+    return estimate(pipeline.lazy, pipeline.workload(), budget=budget, calib=calib), budget

@@ -18,7 +18,9 @@ from grape.calibration.cache import default_cache_dir
 from grape.calibration.collect import collect_layer_stats, measure_layer
 from grape.calibration.runner import run_layerwise
 from grape.checkpoint import estimated_bytes, expert_counts
+from grape.dry_run import model_workload
 from grape.layer_writer import ExpertEdit
+from grape.memory_model import Workload
 from grape.merge import MergeFit, apply_fitted, fit_merges, fresh_skeleton, merge_groups
 from grape.methods import get_method
 from grape.methods.base import ExpertPruningMethod, PruningPlan
@@ -73,11 +75,24 @@ class PrunePipeline(Pipeline):
     options: PruneOptions
 
     def validate(self) -> None:
+        self.validate_plan()
+        self.ids = self.load_calibration(required_by="grape prune")
+
+    def validate_plan(self) -> None:
         o = self.options
         self.method: ExpertPruningMethod = get_method(o.method)(merge=o.merge, seed=o.seed, **o.method_options)
         self.limits = layer_limits(self.lazy)
         self.removals = o.budget.removals(self.limits, is_global=self.method.is_global)
-        self.ids = self.load_calibration(required_by="grape prune")
+
+    def workload(self) -> Workload:
+        o = self.options
+        samples, seq_len = (o.calib_samples, o.seq_len) if self.ids is None else tuple(self.ids.shape)
+        experts = sum(lim.num_experts for lim in self.limits.values())
+        return model_workload(
+            self.lazy, "prune", samples=samples, seq_len=seq_len, batch_size=o.batch_size, sample_tokens=o.sample_tokens,
+            activation_copies=3 if o.sequential else 2, kept_fraction=1 - self.removals / experts,
+            write_materialises_experts=o.merge,
+        )  # fmt: skip
 
     def inputs(self) -> dict:
         return {**super().inputs(), "statistics cache": default_cache_dir()}

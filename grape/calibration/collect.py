@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from grape.calibration.cache import StatsCache, default_cache_dir, stats_cache_key
 from grape.calibration.memory_plan import GRAM_CHUNK_BYTES, LayerMemory, experts_per_group
 from grape.calibration.runner import NonFiniteActivationError, run_layerwise
-from grape.memory import memory_budget
+from grape.memory import memory_budget, resident_bytes
 from grape.model_io import LazyCausalLM
 from grape.stats import LayerStats
 from grape_kernels.architectures import MoEAdapter
@@ -279,9 +279,9 @@ def collect_layer_stats(
     pending = [i for i in moe_layers if i not in results]
     if not pending:
         return results
-    budget = memory_budget(max_memory)
+    budget, baseline = memory_budget(max_memory), resident_bytes()
     group_size = {
-        i: experts_per_group(layer_memory(lazy, i, input_ids, batch_size=batch_size, sample_tokens=sample_tokens), budget)
+        i: experts_per_group(layer_memory(lazy, i, input_ids, batch_size=batch_size, sample_tokens=sample_tokens), budget, baseline)
         for i in moe_layers
         if i <= max(pending)
     }

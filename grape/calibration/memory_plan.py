@@ -4,13 +4,14 @@ A DeepSeek-V3 MoE layer holds 256 experts of 44M parameters: 22.5 GB in bf16, mo
 24 GB machine can spare. Calibration therefore reads a layer's routed experts in contiguous
 groups (:meth:`grape.model_io.LazyCausalLM.materialized_experts`) and this module chooses the
 group size: the largest that keeps the layer's predicted calibration memory within the budget.
-The prediction is :func:`calibration_bytes`, one sum of the terms of :class:`LayerMemory`; the
-dry run predicts a run's peak from the same function, so the two cannot disagree.
+The prediction is :func:`calibration_bytes`, one sum of the terms of :class:`LayerMemory`, on
+top of the process's own resident memory (the interpreter and libraries, measured by the
+caller: :func:`grape.memory.resident_bytes`); the dry run predicts a run's peak from the same
+functions and the same measurement, so the two cannot disagree.
 
 What the prediction assumes (bytes of the running process, for one MoE layer at a time):
 
-- ``PROCESS_BYTES`` for the interpreter with torch, transformers and grape imported and the
-  model skeleton built on the meta device, with head-room for one-tensor transients;
+- ``HEADROOM_BYTES`` for allocator slack and one tensor being read and dequantized;
 - the layer's weights other than the routed experts (attention, router, shared experts, norms)
   in the working dtype;
 - the activations: the hidden states entering and leaving the layer (working dtype), the
@@ -23,7 +24,7 @@ What the prediction assumes (bytes of the running process, for one MoE layer at 
 - per materialised expert: its weights in the working dtype, plus, when its tensors are fused
   over experts (or MXFP4), the read transient of its largest projection (stored rows and a decoded
   copy: twice its working-dtype bytes). Per-expert tensors are read one at a time into place,
-  so their transient is one tensor, inside the head-room ``PROCESS_BYTES`` leaves.
+  so their transient is one tensor, inside ``HEADROOM_BYTES``.
 
 The Gram matrices are built from the stored outputs a few tokens at a time in float32
 (``GRAM_CHUNK_BYTES`` of transient), never as an S x E x H float64 tensor.
@@ -35,12 +36,13 @@ from dataclasses import dataclass
 
 from grape.errors import InputError
 
-__all__ = ["PROCESS_BYTES", "GRAM_CHUNK_BYTES", "LayerMemory", "calibration_bytes", "experts_per_group"]
+__all__ = ["HEADROOM_BYTES", "GRAM_CHUNK_BYTES", "LayerMemory", "calibration_bytes", "experts_per_group"]
 
-PROCESS_BYTES = 900 * 2**20
-"""Resident bytes besides the terms of :class:`LayerMemory`: Python, torch, transformers, grape
-and the meta skeleton (0.5 GB measured after opening a model), plus head-room for allocator
-slack and one-tensor transients (a per-expert tensor being read and dequantized)."""
+HEADROOM_BYTES = 64 * 2**20
+"""Bytes besides the terms of :class:`LayerMemory` and the process's own: allocator slack and a
+one-tensor transient (a per-expert tensor being read and dequantized). On the full-width
+DeepSeek-V3 layer (benchmarks/deepseek_v3_prune.py) the measured peak was within 5% of the
+prediction with it."""
 
 GRAM_CHUNK_BYTES = 64 * 2**20
 """Largest float32 block of sampled expert outputs turned into Gram matrices at once."""
@@ -85,21 +87,23 @@ class LayerMemory:
 
 
 def calibration_bytes(memory: LayerMemory, group: int) -> int:
-    """Predicted resident bytes while the layer is calibrated with ``group`` experts materialised at once."""
-    fixed = PROCESS_BYTES + memory.other_bytes + memory.activation_bytes + memory.sample_bytes
+    """Predicted bytes, on top of the process's own, while the layer is calibrated with ``group``
+    experts materialised at once."""
+    fixed = HEADROOM_BYTES + memory.other_bytes + memory.activation_bytes + memory.sample_bytes
     return fixed + group * (memory.expert_bytes + memory.expert_read_bytes)
 
 
-def experts_per_group(memory: LayerMemory, budget: int) -> int:
-    """The most experts (1..E) whose calibration fits ``budget`` bytes (:func:`calibration_bytes`).
+def experts_per_group(memory: LayerMemory, budget: int, baseline: int) -> int:
+    """The most experts (1..E) whose calibration fits ``budget`` bytes on top of the ``baseline``
+    bytes the process already holds (:func:`calibration_bytes`).
 
     Raises:
         InputError: not even one expert at a time fits; the message says how much would.
     """
     per_expert = memory.expert_bytes + memory.expert_read_bytes
-    room = budget - calibration_bytes(memory, 0)
+    room = budget - baseline - calibration_bytes(memory, 0)
     if room < per_expert:
-        need = calibration_bytes(memory, 1)
+        need = baseline + calibration_bytes(memory, 1)
         raise InputError(
             f"calibrating one MoE layer needs at least {need / 1e9:.2f} GB even one expert at a time, "
             f"more than the memory budget of {budget / 1e9:.2f} GB; raise --max-memory, or lower "

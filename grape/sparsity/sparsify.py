@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from grape.calibration.runner import run_layerwise
+from grape.dry_run import model_workload
 from grape.errors import InputError
 from grape.layer_writer import ExpertEdit
+from grape.memory_model import Workload
 from grape.pipeline import CommonOptions, Pipeline, run_pipeline, stage_labels
 from grape.report import previous_report
 from grape.sparsity.collect import (
@@ -45,7 +47,7 @@ from grape.sparsity.scores import WeightCriterion, get_criterion
 from grape_kernels.architectures import UnsupportedModelError
 from grape_kernels.experts_module import expert_activation
 
-__all__ = ["SparsityPlan", "SparsifyOptions", "SparsifyPipeline", "sparsify", "sparsify_experts"]
+__all__ = ["SparsityPlan", "SparsifyOptions", "SparsifyPipeline", "apply_sparsity", "sparsify", "sparsify_experts"]
 
 
 @dataclass(frozen=True)
@@ -92,13 +94,17 @@ def _prune_matrix(
     weight.masked_fill_(~keep_mask(scores, plan.pattern, plan.sparsity), 0)
 
 
-def sparsify_experts(experts: nn.Module, batches: list[RoutedBatch] | None, plan: SparsityPlan) -> dict:
+def sparsify_experts(
+    experts: nn.Module, batches: list[RoutedBatch] | None, plan: SparsityPlan, *, statistics: dict | None = None
+) -> dict:
     """Prune every routed expert of one layer in place; returns the layer's report entry.
 
     Args:
         experts: the layer's fused experts module (any supported layout).
         batches: captured routed inputs of the calibration data (None for magnitude).
         plan: method, pattern and sparsity.
+        statistics: if given, receives each matrix's input statistics, from which
+            :func:`apply_sparsity` prunes a fresh copy of the layer's weights identically.
     """
     num_experts = int(experts.gate_up_proj.shape[0])
     if plan.method.needs_calibration and batches is None:
@@ -112,6 +118,8 @@ def sparsify_experts(experts: nn.Module, batches: list[RoutedBatch] | None, plan
                 features = None if name == "gate_up_proj" else lambda e, x: expert_activation(experts, e, x, dtype=torch.float32)
                 stats = input_stats(batches, num_experts, width, features)
                 tokens = stats.tokens
+            if statistics is not None:
+                statistics[name] = stats
             for expert in range(num_experts):
                 _prune_matrix(experts, name, expert, stats, plan)
     report = {}
@@ -123,6 +131,18 @@ def sparsify_experts(experts: nn.Module, batches: list[RoutedBatch] | None, plan
         report["tokens_per_expert"] = tokens.tolist()
         report["experts_without_tokens"] = [e for e in range(num_experts) if int(tokens[e]) == 0]
     return report
+
+
+def apply_sparsity(experts: nn.Module, statistics: dict[str, InputStats | None], plan: SparsityPlan) -> None:
+    """Prune the layer's weights (fresh from the checkpoint) with the statistics :func:`sparsify_experts` kept.
+
+    The masks come out identical: gate_up_proj's scores depend on its weights and statistics
+    only, and down_proj's statistics were measured through the pruned gate_up_proj already.
+    """
+    with torch.no_grad():
+        for name in EXPERT_WEIGHTS:
+            for expert in range(int(experts.gate_up_proj.shape[0])):
+                _prune_matrix(experts, name, expert, statistics[name], plan)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +167,11 @@ class SparsifyPipeline(Pipeline):
     options: SparsifyOptions
 
     def validate(self) -> None:
+        self.validate_plan()
+        if self.sparsity.method.needs_calibration:
+            self.ids = self.load_calibration(required_by=f"method {self.options.method!r}")
+
+    def validate_plan(self) -> None:
         o = self.options
         self.sparsity = SparsityPlan.build(o.method, o.sparsity, parse_pattern(o.pattern))
         adapter = self.lazy.adapter
@@ -158,10 +183,18 @@ class SparsifyPipeline(Pipeline):
                 self.moe_layers.append(index)
         if not self.moe_layers:
             raise UnsupportedModelError(f"{self.lazy.model_dir} has no layer with routed experts: nothing to sparsify")
-        if self.sparsity.method.needs_calibration:
-            self.ids = self.load_calibration(required_by=f"method {o.method!r}")
-        self.masks: dict[int, dict[str, torch.Tensor]] = {}
+        # per layer and matrix, the (E, in) input statistics the masks come from: a mask for every
+        # weight of every layer would grow with depth, these are 1/rows of it and re-make the masks
+        self.statistics: dict[int, dict[str, InputStats | None]] = {}
         self.layers: dict[int, dict] = {}
+
+    def workload(self) -> Workload:
+        o, calibrates = self.options, self.sparsity.method.needs_calibration
+        samples, seq_len = (o.calib_samples, o.seq_len) if self.ids is None else tuple(self.ids.shape)
+        return model_workload(
+            self.lazy, "sparsify", samples=samples if calibrates else 0, seq_len=seq_len, batch_size=o.batch_size,
+            activation_copies=3, last_calibrated_layer=self.moe_layers[-1],
+        )  # fmt: skip
 
     def inputs(self) -> dict:
         return {"input model": self.lazy.model_dir, "calibration data": self.options.calib if self.ids is not None else None}
@@ -175,8 +208,8 @@ class SparsifyPipeline(Pipeline):
             experts = adapter.moe_block(layer).experts
             with capture_routed_inputs(experts, layer=index) as batches:
                 forward()
-            self.layers[index] = sparsify_experts(experts, batches, self.sparsity)
-            self.masks[index] = {name: getattr(experts, name).detach() != 0 for name in EXPERT_WEIGHTS}
+            self.statistics[index] = {}
+            self.layers[index] = sparsify_experts(experts, batches, self.sparsity, statistics=self.statistics[index])
 
         run_layerwise(
             self.lazy,
@@ -200,10 +233,8 @@ class SparsifyPipeline(Pipeline):
         if index not in self.moe_layers:
             return
         experts = self.lazy.adapter.moe_block(layer).experts
-        if index in self.masks:
-            with torch.no_grad():
-                for name, keep in self.masks.pop(index).items():
-                    getattr(experts, name).data.masked_fill_(~keep, 0)
+        if index in self.statistics:
+            apply_sparsity(experts, self.statistics.pop(index), self.sparsity)
         else:
             self.layers[index] = sparsify_experts(experts, None, self.sparsity)
 
