@@ -35,17 +35,23 @@ def parse_memory_size(text: str) -> int:
     return value
 
 
-def available_memory_bytes() -> int:
-    """Memory the kernel says a new allocation can get now (``MemAvailable``), or total RAM
-    where /proc/meminfo is not there (not Linux)."""
+def _proc_kib(path: str, field: str) -> int | None:
+    """Bytes of a ``field:  N kB`` line of a /proc file; None where there is no such file (not Linux)."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
+        with open(path, encoding="ascii") as handle:
             for line in handle:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def available_memory_bytes() -> int:
+    """Memory the kernel says a new allocation can get now (``MemAvailable``), or total RAM
+    where /proc/meminfo is not there (not Linux)."""
+    available = _proc_kib("/proc/meminfo", "MemAvailable")
+    return available if available is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def memory_budget(max_memory: int | None) -> int:
@@ -53,7 +59,6 @@ def memory_budget(max_memory: int | None) -> int:
     if max_memory is not None:
         return max_memory
     return int(available_memory_bytes() * DEFAULT_FRACTION)
-
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
@@ -99,14 +104,11 @@ def _libc():
 
 
 def resident_bytes() -> int:
-    """This process's resident memory now (``VmRSS``): the interpreter and the libraries a run imports."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    """This process's resident memory now (``VmRSS``): the interpreter and the libraries a run
+    imports; the peak so far where /proc is not there."""
+    resident = _proc_kib("/proc/self/status", "VmRSS")
+    if resident is not None:
+        return resident
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
