@@ -1,6 +1,6 @@
 """Run fusion-bench's own MoE-Pruner on a local Mixtral with given calibration ids.
 
-Runs inside the fusion-bench environment (``/work/venvs/fusionbench``: fusion-bench with the
+Runs inside the fusion-bench environment (``~/.cache/grape/venvs/fusionbench``, built by ``.ci/fusion_bench_env``: fusion-bench with the
 transformers 4.x it is written for, whose Mixtral experts are ``nn.Linear`` w1/w2/w3 modules
 that fusion-bench hooks); it imports neither grape nor anything that needs the network.
 :mod:`benchmarks.moe_pruner_reference` starts it and compares its output with grape's.

@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -51,7 +52,7 @@ from grape.data import build_calibration_ids, load_texts
 from grape.evaluation import perplexity
 from grape.report import format_table
 from grape.sparsity import sparsify as sparsify_module
-from grape.sparsity.sparsify import sparsify_model
+from grape.sparsity.sparsify import SparsifyOptions, sparsify
 
 WORKER = Path(__file__).with_name("fusion_bench_worker.py")
 MATRICES = ("gate", "up", "down")
@@ -69,10 +70,10 @@ def dense_intermediate_order() -> Iterator[None]:
     real_sparsify, real_activation = sparsify_module.sparsify_experts, sparsify_module.expert_activation
     dense: dict[int, torch.nn.Module] = {}
 
-    def sparsify_experts(experts, batches, plan):
+    def sparsify_experts(experts, batches, plan, **kwargs):
         dense[id(experts)] = copy.deepcopy(experts)
         try:
-            return real_sparsify(experts, batches, plan)
+            return real_sparsify(experts, batches, plan, **kwargs)
         finally:
             dense.pop(id(experts))
 
@@ -144,7 +145,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--max-eval-tokens", type=int, default=40960)
-    parser.add_argument("--venv", default="/work/venvs/fusionbench", help="fusion-bench environment")
+    default_venv = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "grape" / "venvs" / "fusionbench"
+    parser.add_argument("--venv", default=str(default_venv), help="fusion-bench environment (.ci/fusion_bench_env builds it)")
     parser.add_argument("--out", default="benchmarks/results/moe_pruner_reference")
     args = parser.parse_args()
     model_dir = Path(args.model)
@@ -163,8 +165,10 @@ def main() -> None:
         for name, (method, patch) in variants.items():
             started = time.perf_counter()
             with patch() if patch else contextlib.nullcontext():
-                sparsify_model(model_dir, work / name, method=method, sparsity=args.sparsity, calib_ids=ids,
-                               calibration={"source": args.calib, "seed": args.seed})
+                sparsify(SparsifyOptions(
+                    model=str(model_dir), out=str(work / name), method=method, sparsity=args.sparsity, calib_ids=ids,
+                    calib_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]), seed=args.seed,
+                ))  # fmt: skip
             timings[name] = round(time.perf_counter() - started, 1)
         started = time.perf_counter()
         subprocess.run(

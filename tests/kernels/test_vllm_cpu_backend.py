@@ -1,7 +1,8 @@
 """The optional ``vllm_cpu`` backend: vLLM's fused CPU kernel where it wins, grape's ``cpu`` elsewhere.
 
-The kernel tests need vLLM's CPU build (the serve environment, ``/work/venvs/serve``): run them
-there with ``PYTHONPATH=$PWD /work/venvs/serve/bin/python -m pytest tests/kernels/test_vllm_cpu_backend.py``.
+The kernel tests need vLLM's CPU build (the serve environment, ``$GRAPE_SERVE_VENV``, built by
+``.ci/serve_env``); ``.ci/serve`` runs them there:
+``$GRAPE_SERVE_VENV/bin/python -m pytest tests/kernels/test_vllm_cpu_backend.py``.
 Elsewhere only the selection rules are checked.
 """
 
