@@ -165,7 +165,7 @@ def estimate(
     for shape in shapes:
         group = shape.experts
         if shape.is_moe and work.command == "prune" and budget is not None:
-            group = _calibration_group(shape, work, budget, baseline)
+            group = _calibration_group(shape, work, budget, baseline + kept)
         entry: dict[str, Any] = {"layer": shape.index, "experts": shape.experts, "stored_bytes": shape.stored_bytes}
         if shape.is_moe:
             kept_experts = max(1, round(shape.experts * work.kept_fraction))

@@ -189,7 +189,7 @@ def kept_statistics_bytes(layer: LayerShape, work: Workload) -> int:
         return 0
     experts = layer.experts
     if work.command == "prune":
-        return work.sampled * (experts * experts + experts + 2) * _FLOAT64 + (experts * experts + 5 * experts) * _FLOAT64
+        return memory_plan.kept_statistics_bytes(experts, work.sampled)
     return 2 * 2 * experts * (work.hidden + layer.intermediate) * _FLOAT64
 
 

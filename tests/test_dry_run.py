@@ -135,3 +135,45 @@ def test_the_dry_run_predicts_the_groups_calibration_will_use(arch, tmp_path):
             budget = baseline + memory_plan.calibration_bytes(theirs, group)
             assert memory_plan.experts_per_group(ours, budget, baseline) == group
             assert calibration_bytes(shapes[i], work, group=group) == budget - baseline
+
+
+def test_calibration_and_the_dry_run_size_each_layers_groups_alike(tmp_path, monkeypatch):
+    """Each layer's groups fit what the statistics kept from earlier layers leave: calibration
+    (spied) and the dry run's estimate choose the same group for every layer, and the kept bytes
+    they assume are what the statistics really hold."""
+    import dataclasses
+
+    import torch
+
+    import grape.calibration.collect as collect
+    from grape.calibration import memory_plan
+    from grape.dry_run import estimate, model_workload
+    from grape.model_io import LazyCausalLM
+
+    held = 400 * 2**20
+    monkeypatch.setattr(collect, "resident_bytes", lambda: held)
+    lazy = LazyCausalLM.open(build_tiny_model("mixtral", tmp_path / "m", num_hidden_layers=4))
+    samples, seq_len, batch_size, sample_tokens = 4, 16, 2, 48
+    ids = torch.randint(0, lazy.config.vocab_size, (samples, seq_len), generator=torch.Generator().manual_seed(1))
+    memory = collect.layer_memory(lazy, 0, ids, batch_size=batch_size, sample_tokens=sample_tokens)
+    kept = memory_plan.kept_statistics_bytes(memory.num_experts, sample_tokens)
+    # room for one expert plus three layers' statistics: each later layer has less of it left
+    budget = held + memory_plan.calibration_bytes(memory, 1) + 3 * kept + memory.expert_bytes // 2
+    assert memory.expert_bytes <= kept < 2 * memory.expert_bytes  # so the groups shrink with depth, within E
+    chosen: dict[int, int] = {}
+    real_measure = collect.measure_layer
+
+    def spy(lazy_, index, *args, **kwargs):
+        chosen[index] = kwargs["experts_per_group"]
+        return real_measure(lazy_, index, *args, **kwargs)
+
+    monkeypatch.setattr(collect, "measure_layer", spy)
+    stats = collect.collect_layer_stats(
+        lazy, ids, sample_tokens=sample_tokens, batch_size=batch_size, cache_dir=tmp_path / "c", use_cache=False, max_memory=budget
+    )  # fmt: skip
+    work = model_workload(lazy, "prune", samples=samples, seq_len=seq_len, batch_size=batch_size, sample_tokens=sample_tokens)
+    planned = {e["layer"]: e["calibration_group"] for e in estimate(lazy, work, budget=budget, baseline=held)["layers"]}
+    assert chosen == planned and chosen[3] == 1 < chosen[0]
+    for layer_stats in stats.values():
+        tensors = [v for v in (getattr(layer_stats, f.name) for f in dataclasses.fields(layer_stats)) if isinstance(v, torch.Tensor)]
+        assert sum(t.nbytes for t in tensors) == kept

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from grape.calibration.cache import StatsCache, default_cache_dir, stats_cache_key
-from grape.calibration.memory_plan import GRAM_CHUNK_BYTES, LayerMemory, experts_per_group
+from grape.calibration.memory_plan import GRAM_CHUNK_BYTES, LayerMemory, experts_per_group, kept_statistics_bytes
 from grape.calibration.runner import NonFiniteActivationError, run_layerwise
 from grape.memory import memory_budget, resident_bytes
 from grape.model_io import LazyCausalLM
@@ -279,12 +279,14 @@ def collect_layer_stats(
     pending = [i for i in moe_layers if i not in results]
     if not pending:
         return results
-    budget, baseline = memory_budget(max_memory), resident_bytes()
-    group_size = {
-        i: experts_per_group(layer_memory(lazy, i, input_ids, batch_size=batch_size, sample_tokens=sample_tokens), budget, baseline)
-        for i in moe_layers
-        if i <= max(pending)
-    }
+    budget, held = memory_budget(max_memory), resident_bytes()
+    group_size: dict[int, int] = {}
+    for i in moe_layers:  # each layer's groups fit what the statistics of the layers before it leave
+        if i > max(pending):
+            break
+        memory = layer_memory(lazy, i, input_ids, batch_size=batch_size, sample_tokens=sample_tokens)
+        group_size[i] = experts_per_group(memory, budget, held)
+        held += kept_statistics_bytes(memory.num_experts, min(sample_tokens, input_ids.numel()))
 
     def visit(index: int, layer: nn.Module, _hidden, forward) -> None:
         measured = index not in results

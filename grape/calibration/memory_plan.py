@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from grape.errors import InputError
 
-__all__ = ["HEADROOM_BYTES", "GRAM_CHUNK_BYTES", "LayerMemory", "calibration_bytes", "experts_per_group"]
+__all__ = ["HEADROOM_BYTES", "GRAM_CHUNK_BYTES", "LayerMemory", "calibration_bytes", "experts_per_group", "kept_statistics_bytes"]
 
 HEADROOM_BYTES = 64 * 2**20
 """Bytes besides the terms of :class:`LayerMemory` and the process's own: allocator slack and a
@@ -93,9 +93,19 @@ def calibration_bytes(memory: LayerMemory, group: int) -> int:
     return fixed + group * (memory.expert_bytes + memory.expert_read_bytes)
 
 
+def kept_statistics_bytes(num_experts: int, sampled_tokens: int) -> int:
+    """What prune keeps of one calibrated MoE layer until the plan: its
+    :class:`grape.stats.LayerStats`, float64 (per sampled token: router logits, the E x E output
+    Gram, two norms; per layer: the E x E Gram and five per-expert sums). Later layers'
+    groups are sized by what is left after these."""
+    e = num_experts
+    return 8 * (sampled_tokens * (e * e + e + 2) + e * e + 5 * e)
+
+
 def experts_per_group(memory: LayerMemory, budget: int, baseline: int) -> int:
     """The most experts (1..E) whose calibration fits ``budget`` bytes on top of the ``baseline``
-    bytes the process already holds (:func:`calibration_bytes`).
+    bytes the process already holds (:func:`calibration_bytes`): its own memory and the
+    statistics kept from earlier layers.
 
     Raises:
         InputError: not even one expert at a time fits; the message says how much would.

@@ -37,6 +37,8 @@ def _calibrate(model_dir, ids, tmp_path, group: int | None, monkeypatch) -> tupl
     monkeypatch.setattr(lazy, "materialized_experts", spy)
     baseline = 300 * 2**20  # the process's own memory, held still so that the groups are exact
     monkeypatch.setattr("grape.calibration.collect.resident_bytes", lambda: baseline)
+    # every layer gets the same groups (the kept statistics' share: tests/test_dry_run.py)
+    monkeypatch.setattr("grape.calibration.collect.kept_statistics_bytes", lambda *_: 0)
     budget = None
     if group is not None:
         layers = lazy.adapter.moe_layer_indices(lazy.config)
@@ -86,6 +88,7 @@ def test_outputs_passed_on_equal_the_model_forward(tmp_path, monkeypatch):
     ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(3))
     lazy = LazyCausalLM.open(model_dir)
     monkeypatch.setattr("grape.calibration.collect.resident_bytes", lambda: 0)
+    monkeypatch.setattr("grape.calibration.collect.kept_statistics_bytes", lambda *_: 0)
     budget = calibration_bytes(layer_memory(lazy, 0, ids, batch_size=2, sample_tokens=6), 3)
     seen: list[torch.Tensor] = []
     layer_1 = lazy.model.model.layers[1]
