@@ -85,7 +85,8 @@ def layer_shapes(lazy: LazyCausalLM) -> list[LayerShape]:
         router = None if block is None else f"{prefix}{adapter.block_attr}.{adapter.router_attr}."
         params = [(f"{prefix}{n}", tuple(p.shape)) for n, p in layer.named_parameters()]
         unquantized = {n for n, _ in params if router and n.startswith(router)}
-        routed_numel = sum(math.prod(s) for n, s in params if routed_prefix and n.startswith(routed_prefix))
+        routed_sizes = [math.prod(s) for n, s in params if routed_prefix and n.startswith(routed_prefix)]
+        routed_numel = sum(routed_sizes)
         numel = sum(math.prod(s) for _, s in params)
         if index is not None:
             entries = [e for e in index.entries.values() if e.layer == i]
@@ -109,7 +110,8 @@ def layer_shapes(lazy: LazyCausalLM) -> list[LayerShape]:
                 expert_working_bytes=routed_numel * working // experts if experts else 0,
                 expert_stored_bytes=routed_stored // experts if experts else 0,
                 largest_stored_bytes=largest, dense_params=numel - routed_numel,
-                expert_params=routed_numel // experts if experts else 0, top_k=top_k if experts else 0,
+                expert_params=routed_numel // experts if experts else 0,
+                expert_largest_params=max(routed_sizes) // experts if experts else 0, top_k=top_k if experts else 0,
                 intermediate=intermediate, fused_experts=fused,
             )
         )  # fmt: skip

@@ -67,7 +67,8 @@ class LayerShape:
         expert_working_bytes, expert_stored_bytes: one routed expert's share of the above.
         largest_stored_bytes: the largest single tensor of the layer on disk.
         dense_params: parameters every token goes through (attention, shared experts, a dense
-            MLP, the router); expert_params: one routed expert's parameters.
+            MLP, the router); expert_params: one routed expert's parameters;
+            expert_largest_params: one routed expert's share of its largest tensor (gate_up_proj).
         top_k: routed experts per token; intermediate: one routed expert's intermediate width.
         fused_experts: the routed experts are stored in tensors over all experts (transformers'
             fused layout, MXFP4), so materialising some of them reads rows of a larger tensor.
@@ -82,6 +83,7 @@ class LayerShape:
     largest_stored_bytes: int
     dense_params: int
     expert_params: int
+    expert_largest_params: int
     top_k: int
     intermediate: int
     fused_experts: bool = False
@@ -145,10 +147,10 @@ def _forward_transient_bytes(layer: LayerShape, work: Workload) -> int:
 
 def grouped_layer_memory(layer: LayerShape, work: Workload) -> memory_plan.LayerMemory:
     """Prune's calibration terms of MoE ``layer``, as :mod:`grape.calibration.collect` builds them
-    from the loaded layer (one routed expert's largest projection: gate_up, two thirds of it)."""
+    from the loaded layer."""
     return memory_plan.LayerMemory.of_layer(
         num_experts=layer.experts, expert_params=layer.expert_params, other_params=layer.dense_params,
-        largest_projection_params=2 * layer.expert_params // 3, fused=layer.fused_experts,
+        largest_projection_params=layer.expert_largest_params, fused=layer.fused_experts,
         dtype_bytes=work.itemsize, hidden_size=work.hidden, tokens=work.tokens, sample_tokens=work.sample_tokens,
         batch_size=work.batch_size, seq_len=work.seq_len, num_heads=work.heads,
     )  # fmt: skip
@@ -159,16 +161,15 @@ def calibration_bytes(layer: LayerShape, work: Workload, *, group: int | None = 
     (default: every expert of the layer); see the module docs for each term. The interpreter and
     statistics kept from earlier layers are not included.
     """
-    if layer.is_moe and work.command == "prune":
+    if layer.is_moe:
         group = layer.experts if group is None else max(1, min(group, layer.experts))
-        memory = grouped_layer_memory(layer, work)
-        return memory_plan.calibration_bytes(memory, group)
+        if work.command == "prune":
+            return memory_plan.calibration_bytes(grouped_layer_memory(layer, work), group)
     activations = work.activation_copies * work.tokens * work.hidden * work.itemsize
     transients = _forward_transient_bytes(layer, work)
     if not layer.is_moe:
         return activations + layer.working_bytes + layer.largest_stored_bytes + transients
     experts = layer.experts
-    group = experts if group is None else max(1, min(group, experts))
     weights = layer.working_bytes - (experts - group) * layer.expert_working_bytes
     reading = min(layer.largest_stored_bytes, max(layer.expert_stored_bytes * group, layer.largest_stored_bytes // experts))
     # sparsify: one batch's (T, H) float64 squares and (T, E) gates, then one matrix's mask
@@ -179,8 +180,8 @@ def calibration_bytes(layer: LayerShape, work: Workload, *, group: int | None = 
 def _mask_bytes(layer: LayerShape) -> int:
     """Choosing one expert matrix's pruned weights (:mod:`grape.sparsity`): float64 scores, the
     sort's values and int64 indices, the boolean masks (measured: 27 bytes per weight), for the
-    larger matrix (gate_up_proj: two thirds of an expert's parameters)."""
-    return 4 * _FLOAT64 * (2 * layer.expert_params // 3)
+    larger matrix (gate_up_proj)."""
+    return 4 * _FLOAT64 * layer.expert_largest_params
 
 
 def kept_statistics_bytes(layer: LayerShape, work: Workload) -> int:

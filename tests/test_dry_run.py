@@ -109,7 +109,7 @@ def test_the_refusal_names_a_calibration_setting_that_fits(model, tmp_path, caps
     assert smaller["peak_rss_bytes"] <= budget < larger["peak_rss_bytes"]
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "gpt_oss", "qwen2_moe"])
 def test_the_dry_run_predicts_the_groups_calibration_will_use(arch, tmp_path):
     """One formula: the terms the dry run derives from shapes are the ones calibration derives
     from the loaded layer, so both choose the same expert groups under any budget."""
