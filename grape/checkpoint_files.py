@@ -406,13 +406,12 @@ def _experts_from_config(config, adapter: MoEAdapter, config_path: Path) -> list
 def _check_per_layer_config(config, count_key: str, counts: list[int | None], config_path: Path) -> None:
     """transformers' ``per_layer_config`` (written beside grape's list) must not say otherwise."""
     overrides = config.to_dict().get("per_layer_config") or {}
-    top = max((c for c in counts if c is not None), default=None)
     for key, layer in overrides.items():
         said = layer.get(count_key) if isinstance(layer, dict) else None
         if said is None:
             continue
         i = int(key) if str(key).isdigit() else -1
-        if not 0 <= i < len(counts) or said != (counts[i] or top):
+        if not 0 <= i < len(counts) or said != counts[i]:
             raise CheckpointError(
                 f"{config_path}: per_layer_config gives layer {key} {said} routed experts, "
                 f"'{GRAPE_COUNTS_KEY}' gives {counts[i] if 0 <= i < len(counts) else 'no such layer'}"
