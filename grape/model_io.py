@@ -156,9 +156,12 @@ class LazyCausalLM:
         Raises :class:`~grape_kernels.architectures.UnsupportedModelError` for non-MoE models and
         :class:`CheckpointError` for missing/corrupt weights, both before any heavy work.
         """
+        # before the skeleton: building it allocates (and frees) every expert tensor on the CPU
+        # before moving it to the meta device; served from the heap, those blocks would leave it
+        # fragmented, and later layers' transients resident, in proportion to the depth
+        return_freed_memory_promptly()  # released layers must leave the RSS (grape.memory)
         lazy = cls._skeleton(name_or_path, dtype=dtype, device=device, weights=True)
         lazy._check_complete()
-        return_freed_memory_promptly()  # released layers must leave the RSS (grape.memory)
         return lazy
 
     @classmethod

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from grape.cli import main
 from grape.errors import InputError
-from grape.memory import available_memory_bytes, memory_budget, parse_memory_size
+from grape.memory import available_memory_bytes, bound_kernel_caches, memory_budget, parse_memory_size
+
+_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
 
 @pytest.mark.parametrize(
@@ -34,3 +42,53 @@ def test_cli_refuses_a_bad_size_in_one_line(capsys):
         main(["prune", "m", "--method", "frequency", "--experts-ratio", "0.5", "--calib", "c", "--out", "o", "--max-memory", "lots"])
     assert exc.value.code == 2
     assert "--max-memory 'lots' is not a size" in capsys.readouterr().err
+
+
+_ALLOCATED_AFTER_DISTINCT_MATMULS = """
+import ctypes, sys
+import grape, grape_kernels  # grape_kernels creates oneDNN primitives when imported (its probe)
+import torch
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+def allocated():
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd  # heap chunks in use + memory-mapped ones
+
+weight = torch.randn(96, 64, dtype=torch.bfloat16)
+tokens = torch.randn(int(sys.argv[1]) + 1, 64, dtype=torch.bfloat16)
+torch.nn.functional.linear(tokens[:1], weight)
+before = allocated()
+for rows in range(2, tokens.shape[0] + 1):  # a new row count each call, as a routed expert sees
+    torch.nn.functional.linear(tokens[:rows], weight)
+print(allocated() - before)
+"""
+
+
+def test_matmuls_of_ever_new_shapes_do_not_accumulate_memory():
+    """What calibration's memory grew by per layer: oneDNN and ideep keep a compiled matmul for
+    every distinct shape (about 0.55 MB each, up to 1024 of each), and a routed expert's matmul
+    has a new row count on almost every call. In a fresh process (the caches read their size
+    once) that imports grape, 200 new shapes must hold no more than the capped caches do
+    (measured: 8 MiB; 108 MiB with the default caches)."""
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("glibc's mallinfo2 is needed to count the allocated bytes")
+    # this process imported grape, which set the variables: the child must set them itself
+    env = {k: v for k, v in os.environ.items() if k not in _CACHE_VARIABLES}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _ALLOCATED_AFTER_DISTINCT_MATMULS, "200"], env=env, capture_output=True, text=True, check=True)
+    grown = int(done.stdout)
+    assert grown < 24 * 2**20, f"200 distinct matmul shapes kept {grown / 2**20:.0f} MiB"
+
+
+def test_a_cache_size_the_user_chose_is_kept(monkeypatch):
+    for name in _CACHE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DNNL_PRIMITIVE_CACHE_CAPACITY", "300")  # oneDNN's older spelling
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    bound_kernel_caches()
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"
