@@ -87,9 +87,8 @@ KERNEL_CACHE_ENTRIES = 16
 Both caches are keyed by the exact shapes, and a routed expert's matmul has a new row count on
 almost every call (the tokens routed to it), so every expert of every layer adds entries of
 about 0.55 MB together (measured: 200 distinct shapes, 108 MiB) until each cache holds 1024:
-calibration's resident memory grew 16 MiB per MoE layer of ``benchmarks/memory_depth.py``,
-+15 % (prune) and +17 % (sparsify) peak from 8 to 16 layers, with no tensor left behind. A
-miss costs 0.2-0.4 ms to create the primitive (measured; one expert's matmul on 512 tokens of
+calibration's resident memory grew 16 MiB per MoE layer of ``benchmarks/memory_depth.py``
+with no tensor left behind (about half of the +15 % peak from 8 to 16 layers). A miss costs 0.2-0.4 ms to create the primitive (measured; one expert's matmul on 512 tokens of
 hidden 1024 takes 7 ms), and prune and sparsify ran no slower end to end with 16 entries."""
 
 _KERNEL_CACHE_VARIABLES = {
