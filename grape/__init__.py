@@ -1,14 +1,8 @@
 """grape: prune Mixture-of-Experts language models (GRAPE, baselines, MoE-Pruner).
 
 ``grape.load_pruned(dir)`` loads a pruned (ragged) checkpoint; it is imported on first use so
-that ``import grape`` stays light. Importing grape bounds oneDNN's per-shape matmul caches
-(:func:`grape.memory.bound_kernel_caches`): it has to happen before the first oneDNN primitive,
-which importing ``grape_kernels`` already creates.
+that ``import grape`` stays light.
 """
-
-from grape.memory import bound_kernel_caches
-
-bound_kernel_caches()
 
 __version__ = "0.1.0"
 __all__ = ["load_pruned", "__version__"]

@@ -313,12 +313,24 @@ def _cmd_demo(args) -> None:
     run_demo(work_dir=args.work_dir, quick=args.quick, model=args.model)
 
 
+_CALIBRATING_COMMANDS = ("prune", "sparsify")
+"""Commands whose calibration feeds matmuls a new shape on almost every call
+(:func:`grape.memory.bound_kernel_caches`); the others keep oneDNN's default caches."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``grape`` command; returns the exit status (0 ok, 2 error, 130/143 interrupted).
 
     Every error reaches the user as one line ``grape <command>: error: ...``; ``--debug`` or
     ``GRAPE_DEBUG=1`` re-raises it with its traceback instead.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in _CALIBRATING_COMMANDS:
+        # decided from the command's word, before the parser exists: building it imports the
+        # methods and with them grape_kernels, whose import makes the first oneDNN primitive
+        from grape.memory import bound_kernel_caches
+
+        bound_kernel_caches()
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("GRAPE_DEBUG", "") not in ("", "0")

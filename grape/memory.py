@@ -82,14 +82,19 @@ def return_freed_memory_promptly() -> None:
 
 
 KERNEL_CACHE_ENTRIES = 16
-"""Compiled matmuls oneDNN, and PyTorch's ideep layer above it, each keep (default 1024 each).
+"""Compiled matmuls oneDNN, and PyTorch's ideep layer above it, each keep during calibration
+(default 1024 each).
 
-Both caches are keyed by the exact shapes, and a routed expert's matmul has a new row count on
-almost every call (the tokens routed to it), so every expert of every layer adds entries of
-about 0.55 MB together (measured: 200 distinct shapes, 108 MiB) until each cache holds 1024:
-calibration's resident memory grew 16 MiB per MoE layer of ``benchmarks/memory_depth.py``
-with no tensor left behind (about half of the +15 % peak from 8 to 16 layers). A miss costs 0.2-0.4 ms to create the primitive (measured; one expert's matmul on 512 tokens of
-hidden 1024 takes 7 ms), and prune and sparsify ran no slower end to end with 16 entries."""
+Both caches are keyed by the exact shapes, and in calibration a routed expert's matmul has a new
+row count on almost every call (the tokens routed to it, anywhere from 0 to all of them), so
+every expert of every layer adds entries of about 0.55 MB together (measured: 200 distinct
+shapes, 108 MiB) until each cache holds 1024: calibration's resident memory grew 16 MiB per MoE
+layer of ``benchmarks/memory_depth.py`` with no tensor left behind (about half of its +15 %
+peak from 8 to 16 layers). A miss costs 0.2-0.4 ms to create the primitive (measured; one
+expert's matmul on 512 tokens of hidden 1024 takes 7 ms), and prune and sparsify ran no slower
+end to end with 16 entries. Serving is the opposite case: its shapes recur (decode routes at
+most batch x top-k tokens to an expert), and with 16 entries transformers' ``generate`` of a
+pruned bf16 model ran 1.8x slower at batch 16, so only the calibrating commands cap the caches."""
 
 _KERNEL_CACHE_VARIABLES = {
     "ONEDNN_PRIMITIVE_CACHE_CAPACITY": ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"),
@@ -103,9 +108,11 @@ def bound_kernel_caches() -> None:
     Per-shape caches grow with depth where the shapes are data-dependent (see the constant).
     PyTorch exposes no call that resizes them; each library reads its environment variable
     once, when it creates its first primitive, and importing ``grape_kernels`` already creates
-    some (its oneDNN probe). So ``import grape`` calls this (``grape/__init__.py``), before any
-    of grape's modules import ``grape_kernels``; in a process that ran a oneDNN matmul before
-    importing grape, the caches keep their default size. A size the user set is kept.
+    some (its oneDNN probe). So ``grape prune`` and ``grape sparsify`` call this first
+    (``grape/cli.py``), before anything imports ``grape_kernels``; a Python program calibrating
+    through grape's API calls it before importing grape's other modules. In a process that
+    already made a oneDNN primitive, the caches keep their default size. A size the user set is
+    kept.
     """
     for variable, spellings in _KERNEL_CACHE_VARIABLES.items():
         if not any(name in os.environ for name in spellings):

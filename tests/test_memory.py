@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import subprocess
 import sys
@@ -44,9 +45,16 @@ def test_cli_refuses_a_bad_size_in_one_line(capsys):
     assert "--max-memory 'lots' is not a size" in capsys.readouterr().err
 
 
-_ALLOCATED_AFTER_DISTINCT_MATMULS = """
-import ctypes, sys
-import grape, grape_kernels  # grape_kernels creates oneDNN primitives when imported (its probe)
+_CLI_THEN_DISTINCT_MATMULS = """
+import ctypes, json, sys
+import grape.memory
+
+called_after_kernels = []
+cap = grape.memory.bound_kernel_caches
+grape.memory.bound_kernel_caches = lambda: (called_after_kernels.append("grape_kernels" in sys.modules), cap())[1]
+from grape.cli import main
+
+status = main(["prune", sys.argv[1], "--method", "frequency", "--experts-ratio", "0.5", "--calib", "c", "--out", sys.argv[2]])
 import torch
 
 class MallInfo2(ctypes.Structure):
@@ -54,41 +62,60 @@ class MallInfo2(ctypes.Structure):
 
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = MallInfo2
+
+
 def allocated():
     info = libc.mallinfo2()
     return info.uordblks + info.hblkhd  # heap chunks in use + memory-mapped ones
 
+
 weight = torch.randn(96, 64, dtype=torch.bfloat16)
-tokens = torch.randn(int(sys.argv[1]) + 1, 64, dtype=torch.bfloat16)
+tokens = torch.randn(201, 64, dtype=torch.bfloat16)
 torch.nn.functional.linear(tokens[:1], weight)
 before = allocated()
 for rows in range(2, tokens.shape[0] + 1):  # a new row count each call, as a routed expert sees
     torch.nn.functional.linear(tokens[:rows], weight)
-print(allocated() - before)
+print(json.dumps({"status": status, "called_after_kernels": called_after_kernels, "grown": allocated() - before}))
 """
 
 
-def test_matmuls_of_ever_new_shapes_do_not_accumulate_memory():
+def test_prune_caps_the_matmul_caches_before_they_exist(tmp_path):
     """What calibration's memory grew by per layer: oneDNN and ideep keep a compiled matmul for
     every distinct shape (about 0.55 MB each, up to 1024 of each), and a routed expert's matmul
     has a new row count on almost every call. In a fresh process (the caches read their size
-    once) that imports grape, 200 new shapes must hold no more than the capped caches do
-    (measured: 8 MiB; 108 MiB with the default caches)."""
+    once), ``grape prune`` caps them before ``grape_kernels`` (whose import makes the first
+    oneDNN primitive) is imported, and afterwards 200 new shapes hold no more than the capped
+    caches do (measured: 8 MiB; 108 MiB with the default caches)."""
     if not hasattr(ctypes.CDLL(None), "mallinfo2"):
         pytest.skip("glibc's mallinfo2 is needed to count the allocated bytes")
-    # this process imported grape, which set the variables: the child must set them itself
+    # this process may have capped them already: the child must do it itself
     env = {k: v for k, v in os.environ.items() if k not in _CACHE_VARIABLES}
     env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", _ALLOCATED_AFTER_DISTINCT_MATMULS, "200"], env=env, capture_output=True, text=True, check=True)
-    grown = int(done.stdout)
-    assert grown < 24 * 2**20, f"200 distinct matmul shapes kept {grown / 2**20:.0f} MiB"
+    args = [str(tmp_path / "no-model"), str(tmp_path / "out")]
+    done = subprocess.run([sys.executable, "-c", _CLI_THEN_DISTINCT_MATMULS, *args], env=env, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["status"] == 2  # the missing model is refused; the caps came first
+    assert result["called_after_kernels"] == [False]
+    assert result["grown"] < 24 * 2**20, f"200 distinct matmul shapes kept {result['grown'] / 2**20:.0f} MiB"
 
 
-def test_a_cache_size_the_user_chose_is_kept(monkeypatch):
+@pytest.fixture
+def no_cache_sizes(monkeypatch):
+    """The cache variables unset for the test, and restored (absent or not) afterwards."""
     for name in _CACHE_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "0")
+        monkeypatch.delenv(name)
+
+
+def test_a_cache_size_the_user_chose_is_kept(no_cache_sizes, monkeypatch):
     monkeypatch.setenv("DNNL_PRIMITIVE_CACHE_CAPACITY", "300")  # oneDNN's older spelling
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
     bound_kernel_caches()
     assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
     assert os.environ["LRU_CACHE_CAPACITY"] == "7"
+
+
+def test_commands_that_serve_keep_the_default_caches(no_cache_sizes, tmp_path, capsys):
+    """Decode's shapes recur, and with 16 entries generate ran 1.8x slower (grape.memory)."""
+    assert main(["eval", str(tmp_path / "no-model"), "--ppl", str(tmp_path / "no-text")]) == 2
+    assert not any(name in os.environ for name in _CACHE_VARIABLES)
