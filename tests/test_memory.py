@@ -1,4 +1,4 @@
-"""The memory budget: sizes as users write them, and the default from the machine."""
+"""The memory budget (sizes as users write them, the default from the machine) and the capped matmul caches."""
 
 from __future__ import annotations
 
