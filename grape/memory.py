@@ -3,6 +3,9 @@
 One place for the fact "how much memory may this run use", read by calibration (how many
 experts to materialise at once) and by the dry run (refuse a run that cannot fit before heavy
 work). Sizes are bytes everywhere inside grape; only this module reads the user's spelling.
+
+It also holds the process's side of "one layer at a time": glibc's thresholds and trims, so that
+freed tensors leave the resident set, and the caps on oneDNN's per-shape matmul caches.
 """
 
 from __future__ import annotations
