@@ -47,6 +47,7 @@ from torch.nn import functional as F
 from grape_kernels.expert_weights import ExpertWeights
 from grape_kernels.library import experts_op
 from grape_kernels.ops.common import check_experts_inputs, ids_out_of_range, split_gate_up
+from grape_kernels.ops.cpu_native import native_ops
 from grape_kernels.ops.cpu_prepack import packed_linear, prepacked
 
 __all__ = ["cpu_experts"]
@@ -229,6 +230,9 @@ def cpu_experts(
     tokens, top_k, experts = problem.tokens, problem.top_k, problem.experts
     if tokens == 0:
         return hidden.new_zeros(0, problem.hidden)
+    native = _native_call(hidden, weights, topk_ids, topk_weights, problem)
+    if native is not None:
+        return native
     flat_ids = topk_ids.reshape(-1)
     if tokens == 1:
         ids = flat_ids.tolist()
@@ -272,6 +276,28 @@ def cpu_experts(
     out = torch.zeros(tokens, problem.hidden, dtype=torch.float32, device=hidden.device)
     out.index_add_(0, pair_token, weighted)
     return out.to(hidden.dtype)
+
+
+def _native_call(
+    hidden: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor, topk_weights: torch.Tensor, problem
+) -> torch.Tensor | None:
+    """The call through the C++ loop (``cpu_native``) on packed weights, or None to run the Python loop.
+
+    The C++ loop needs the packed copies; without them (budget spent, float16, no oneDNN) the
+    per-row-count formulations of :func:`_formulation` run in Python, and so does everything
+    where the extension could not be built.
+    """
+    ops = native_ops()
+    if ops is None:
+        return None
+    packed_gate_up, packed_down = _packed(weights, hidden.dtype)
+    if packed_gate_up is None:
+        return None
+    return ops.cpu_experts(
+        hidden, topk_ids, topk_weights, problem.experts, packed_gate_up, packed_down,
+        weights.gate_up_bias, weights.down_bias, problem.intermediate, weights.interleaved,
+        weights.activation == "gpt_oss", weights.swiglu_alpha, weights.swiglu_limit,
+    )  # fmt: skip
 
 
 def _single_token(
