@@ -57,10 +57,10 @@ __all__ = ["cpu_experts"]
 _ONEDNN_MIN_WEIGHT = 1 << 21
 #: Row counts for which float32 uses the weight-major product ``W @ x.T``.
 _WEIGHT_MAJOR_ROWS = (2, 3)
-#: bfloat16 decode steps on experts smaller than this run ATen's GEMV on the plain weights: on
-#: cache-resident experts its lower per-call cost beats oneDNN's packed product (measured on the
-#: pruned Mixtral-pydoc layers, 256x1024: 1.65x against grouped_mm instead of 1.45x); on larger
-#: experts, streamed from memory, the packed product reads faster (Mixtral-shaped: 2.1x vs 1.7x).
+#: One-row products on expert weights smaller than this run a GEMV on the plain weights (ATen's for
+#: bfloat16 in the Python loop, MKL's for float32 in both loops): on cache-resident experts its
+#: lower per-call cost beats oneDNN's packed product (float32 256x512: 8 vs 16 us); on larger
+#: experts, streamed from memory, the packed product reads faster (Mixtral-shaped: 2x).
 _PACKED_GEMV_MIN_WEIGHT = 1 << 21
 #: Below this many weight elements the per-expert formulations save less per GEMM (20-40 us)
 #: than leaving ``grouped_mm``'s C++ loop for a Python one costs, so small layers never do.
@@ -285,7 +285,9 @@ def _native_call(
 
     The C++ loop needs the packed copies; without them (budget spent, float16, no oneDNN) the
     per-row-count formulations of :func:`_formulation` run in Python, and so does everything
-    where the extension could not be built.
+    where the extension could not be built. One float32 row against a small (cache-resident)
+    expert runs MKL's GEMV on the plain weight there, as the Python loop's ``weight_major`` /
+    ``mm`` formulations do.
     """
     ops = native_ops()
     if ops is None:
@@ -293,8 +295,11 @@ def _native_call(
     packed_gate_up, packed_down = _packed(weights, hidden.dtype)
     if packed_gate_up is None:
         return None
+    gemv = hidden.dtype == torch.float32 and not weights.transposed
     return ops.cpu_experts(
-        hidden, topk_ids, topk_weights, problem.experts, packed_gate_up, packed_down,
+        hidden, topk_ids, topk_weights, problem.experts, packed_gate_up, packed_down, weights.w_gate_up,
+        weights.w_down, gemv and weights.w_gate_up[0].numel() < _PACKED_GEMV_MIN_WEIGHT,
+        gemv and weights.w_down[0].numel() < _PACKED_GEMV_MIN_WEIGHT,
         weights.gate_up_bias, weights.down_bias, problem.intermediate, weights.interleaved,
         weights.activation == "gpt_oss", weights.swiglu_alpha, weights.swiglu_limit,
     )  # fmt: skip
