@@ -4,9 +4,10 @@ The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (
 and ninja are needed; 20-60 s, once per torch version, source and CPU) into torch's extensions
 cache, ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), and loaded from there
 afterwards; torch's file lock makes concurrent first uses build it once.
-It is compiled for the CPU it runs on (``-march=native``), so the build folder's name carries a
-digest of the source, the torch version and the CPU's feature flags: a home directory shared by
-machines of different CPUs never loads a build for another one.
+It is compiled for the CPU it runs on (``-march=native``) against the torch it runs with, so the
+build folder's name carries a digest of the source, the flags, the torch version and install
+path, the Python version and the CPU's feature flags: a home directory shared by machines of
+different CPUs, or by virtual environments, never loads a build made for another one.
 
 Where it cannot be built (no compiler, a torch without the headers) or is switched off with
 ``GRAPE_CPU_NATIVE=0``, :func:`native_ops` returns None, the reason is logged once, and the CPU
@@ -21,6 +22,7 @@ import logging
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -48,7 +50,9 @@ def _cpu_flags() -> str:
 
 def _build_directory() -> Path:
     digest = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), " ".join(_FLAGS).encode(), _cpu_flags().encode()):
+    parts = (_SOURCE.read_bytes(), torch.__version__, torch.__file__, sys.version, " ".join(_FLAGS), _cpu_flags())
+    for part in parts:
+        part = part if isinstance(part, bytes) else part.encode()
         digest.update(part)
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     return root / f"{_NAME}-{digest.hexdigest()[:16]}"
