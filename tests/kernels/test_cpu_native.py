@@ -9,6 +9,7 @@ the one-thread tests of this directory never exercise) and with ids that repeat 
 from __future__ import annotations
 
 import logging
+import platform
 import shutil
 
 import pytest
@@ -97,3 +98,31 @@ def test_switched_off_or_unbuildable_it_says_why(monkeypatch, tmp_path, caplog):
         module, reason = cpu_native._load.__wrapped__()
     assert module is None and reason
     assert "using the Python loop" in caplog.text
+
+
+@pytest.mark.skipif(not NATIVE or platform.machine() not in ("x86_64", "AMD64"), reason="needs the C++ loop on x86")
+def test_the_portable_loop_without_avx512_matches_too(tmp_path, monkeypatch):
+    """CPUs without AVX-512 (most laptops, AVX2 servers) compile only the portable scalar loops:
+    built here with AVX-512 switched off, that variant meets the same float64 loop."""
+    from torch.utils import cpp_extension
+
+    from grape_kernels.ops import cpu as cpu_ops
+
+    portable = cpp_extension.load(
+        name="grape_cpu_native_portable", sources=[str(cpu_native._SOURCE)],
+        extra_cflags=[*cpu_native._FLAGS, "-mno-avx512f"], build_directory=str(tmp_path),
+    )  # fmt: skip
+    monkeypatch.setattr(cpu_ops, "native_ops", lambda: portable)
+    g = torch.Generator().manual_seed(11)
+    for dtype, gpt_oss in ((torch.float32, False), (torch.bfloat16, True)):
+        w_gate_up = (torch.randn(4, 2 * 40, 48, generator=g) * 0.1).to(dtype)
+        w_down = (torch.randn(4, 48, 40, generator=g) * 0.1).to(dtype)
+        hidden = torch.randn(9, 48, generator=g).to(dtype)
+        ids, weights = torch.randint(0, 4, (9, 2), generator=g), torch.rand(9, 2, generator=g)
+        layer = ExpertWeights(w_gate_up, w_down, activation="gpt_oss" if gpt_oss else "silu", swiglu_limit=1.0)
+        with torch.no_grad():
+            out = cpu_experts(hidden, layer, ids, weights)
+        expected = _oracle(hidden, w_gate_up, w_down, ids, weights, gpt_oss=gpt_oss, limit=1.0)
+        tol = 2e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    cpu_prepack.release_prepacked()
