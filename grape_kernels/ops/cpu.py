@@ -46,6 +46,7 @@ that require gradients (the transformers integration then uses transformers' own
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -74,10 +75,13 @@ _PACKED_GEMV_MIN_WEIGHT = 1 << 21
 _LOOP_MIN_WEIGHT = 1 << 19
 
 
-def _probe_onednn_linear():
+@functools.cache
+def _onednn_linear():
     """oneDNN's dense linear (``mkldnn::_linear_pointwise``), or None where this torch lacks it.
 
-    The op is what inductor emits for CPU linears; it is not public API, hence the probe.
+    The op is what inductor emits for CPU linears; it is not public API, hence the probe. It runs
+    at first use, not at import: a oneDNN call at import would fix oneDNN's cache sizes
+    (read from the environment at its first primitive) before ``grape.memory`` can choose them.
     """
     if not torch.backends.mkldnn.is_available():
         return None
@@ -87,9 +91,6 @@ def _probe_onednn_linear():
     except (AttributeError, RuntimeError):
         return None
     return op if torch.equal(probe, torch.full((1, 2), 4.0)) else None
-
-
-_ONEDNN_LINEAR = _probe_onednn_linear()
 
 
 def _probe_grouped_mm():
@@ -120,7 +121,7 @@ def _formulation(x: torch.Tensor, weight: torch.Tensor, rows: int, transposed: b
     - ``mm``: everything else (``torch.mm``, oneDNN for bf16, MKL for fp32).
     """
     if x.dtype == torch.float32:
-        if rows >= 4 and _ONEDNN_LINEAR is not None and weight[0].numel() >= _ONEDNN_MIN_WEIGHT:
+        if rows >= 4 and weight[0].numel() >= _ONEDNN_MIN_WEIGHT and _onednn_linear() is not None:
             return "onednn"
         if rows in _WEIGHT_MAJOR_ROWS and not transposed:
             return "weight_major"
@@ -176,7 +177,7 @@ def _linear_into(
     """``out = x @ W.T + bias`` (``x @ W + bias`` for transposed storage) as formulation ``kind``."""
     w_out_in = weight.t() if transposed else weight
     if kind == "onednn":
-        out.copy_(_ONEDNN_LINEAR(x, w_out_in, bias, "none", [None], ""))
+        out.copy_(_onednn_linear()(x, w_out_in, bias, "none", [None], ""))
         return
     if kind == "weight_major":
         if bias is None:

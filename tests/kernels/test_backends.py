@@ -231,7 +231,7 @@ def test_cpu_backend_large_weights_take_every_gemm_formulation(dtype, gpt_oss, p
         (torch.float32, True): {"mm", "onednn"},
         (torch.bfloat16, True): {"mm"},
     }[dtype, gpt_oss]
-    assert cpu_ops._ONEDNN_LINEAR is None or kinds == expected
+    assert cpu_ops._onednn_linear() is None or kinds == expected
     flags, biases = {}, {}
     if gpt_oss:
         flags = dict(activation="gpt_oss", swiglu_limit=1.5, transposed=True, interleaved=True)
@@ -243,7 +243,7 @@ def test_cpu_backend_large_weights_take_every_gemm_formulation(dtype, gpt_oss, p
     check(out, ref, dtype)
     decode = run("cpu", hidden[:1], w1, w2, ids[:1], weights[:1], **biases, **flags)
     check(decode, ref[:1], dtype)
-    assert (cpu_prepack.prepacked_bytes() > 0) == (packing == "packed" and cpu_prepack._ONEDNN)
+    assert (cpu_prepack.prepacked_bytes() > 0) == (packing == "packed" and cpu_prepack.onednn_packing())
     cpu_prepack.release_prepacked()
 
 

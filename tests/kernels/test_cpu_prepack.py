@@ -13,7 +13,7 @@ from grape_kernels.ops import cpu_prepack, reference_experts
 from grape_kernels.ops.cpu import cpu_experts
 from grape_kernels.ops.cpu_native import native_ops
 
-pytestmark = pytest.mark.skipif(not cpu_prepack._ONEDNN, reason="this torch build has no oneDNN packing")
+pytestmark = pytest.mark.skipif(not cpu_prepack.onednn_packing(), reason="this torch build has no oneDNN packing")
 
 E, H, I, K = 6, 64, 96, 2
 
