@@ -36,6 +36,7 @@ import torch
 from transformers.integrations.moe import grouped_mm_experts_forward
 
 from grape_kernels import available_backends, experts_forward
+from grape_kernels.ops.cpu_native import native_ops
 from grape_kernels.ops.cpu_prepack import cached_copy
 from grape_kernels.ops.vllm_cpu import vllm_cpu_ops, vllm_isa
 
@@ -89,7 +90,8 @@ def backends() -> dict[str, ExpertsCall]:
     Triton joins only with CUDA: under the interpreter it checks correctness, not speed.
     ``vllm-fused`` (vLLM's fused CPU MoE kernel on every call, its packed weights made once)
     joins where vLLM's CPU build imports; ``grape-vllm_cpu`` is grape's backend that uses it
-    only where it measured faster.
+    only where it measured faster. ``grape-cpu-python`` is the ``cpu`` backend's Python loop,
+    the fallback its C++ loop replaced, measured beside it.
     """
     calls: dict[str, ExpertsCall] = {
         "eager": lambda m, h, i, w: type(m).forward.__wrapped__(m, h, i, w),
@@ -99,9 +101,22 @@ def backends() -> dict[str, ExpertsCall]:
     for name in ("cpu", "vllm_cpu", "triton", "dense", "reference"):
         if name in available_backends(device) and (name != "triton" or device == "cuda"):
             calls[f"grape-{name}"] = lambda m, h, i, w, _b=name: experts_forward(m, h, i, w, backend=_b)
+    if "grape-cpu" in calls and native_ops() is not None:
+        calls["grape-cpu-python"] = python_loop
     if device == "cpu" and vllm_cpu_ops() is not None:
         calls["vllm-fused"] = vllm_fused
     return calls
+
+
+def python_loop(experts: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+    """grape's ``cpu`` backend with its C++ loop off: what a machine without a C++ compiler runs."""
+    from grape_kernels.ops import cpu as cpu_ops
+
+    saved, cpu_ops.native_ops = cpu_ops.native_ops, lambda: None
+    try:
+        return experts_forward(experts, hidden, ids, weights, backend="cpu")
+    finally:
+        cpu_ops.native_ops = saved
 
 
 def vllm_fused(experts: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):

@@ -48,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 
 
 #: Contenders whose speed-up over transformers the summary tables show, when present.
-HEADLINE = ("grape-cpu", "grape-vllm_cpu", "vllm-fused")
+HEADLINE = ("grape-cpu", "grape-cpu-python", "grape-vllm_cpu", "vllm-fused")
 
 
 @dataclass(frozen=True)

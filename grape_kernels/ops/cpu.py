@@ -1,5 +1,12 @@
 """The fast CPU path: sort (token, slot) pairs by expert once, then one GEMM per active expert.
 
+The method runs in two implementations. On packed weights (``ops.cpu_prepack``: float32 and
+bfloat16 with oneDNN, within the packing budget) it runs in C++ (``ops/cpu_native.cpp``, built
+at first use by ``ops.cpu_native``): the same steps as loops over raw memory plus two oneDNN
+calls per expert, 1.1-1.6x this module's Python loop (``benchmarks/RESULTS.md``, the
+``grape-cpu-python`` rows). The Python loop below runs everything else (plain weights, float16,
+machines where the extension cannot be built) and is tested on every machine.
+
 Why it is built this way (each choice measured on the project's AVX-512 CPU with one thread
 and CPU time; end-to-end numbers against transformers are in benchmarks/RESULTS.md):
 
@@ -39,6 +46,7 @@ that require gradients (the transformers integration then uses transformers' own
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -47,6 +55,7 @@ from torch.nn import functional as F
 from grape_kernels.expert_weights import ExpertWeights
 from grape_kernels.library import experts_op
 from grape_kernels.ops.common import check_experts_inputs, ids_out_of_range, split_gate_up
+from grape_kernels.ops.cpu_native import native_ops
 from grape_kernels.ops.cpu_prepack import packed_linear, prepacked
 
 __all__ = ["cpu_experts"]
@@ -56,20 +65,23 @@ __all__ = ["cpu_experts"]
 _ONEDNN_MIN_WEIGHT = 1 << 21
 #: Row counts for which float32 uses the weight-major product ``W @ x.T``.
 _WEIGHT_MAJOR_ROWS = (2, 3)
-#: bfloat16 decode steps on experts smaller than this run ATen's GEMV on the plain weights: on
-#: cache-resident experts its lower per-call cost beats oneDNN's packed product (measured on the
-#: pruned Mixtral-pydoc layers, 256x1024: 1.65x against grouped_mm instead of 1.45x); on larger
-#: experts, streamed from memory, the packed product reads faster (Mixtral-shaped: 2.1x vs 1.7x).
+#: One-row products on expert weights smaller than this run a GEMV on the plain weights (ATen's for
+#: bfloat16 in the Python loop, MKL's for float32 in both loops): on cache-resident experts its
+#: lower per-call cost beats oneDNN's packed product (float32 256x512: 8 vs 16 us); on larger
+#: experts, streamed from memory, the packed product reads faster (Mixtral-shaped: 2x).
 _PACKED_GEMV_MIN_WEIGHT = 1 << 21
 #: Below this many weight elements the per-expert formulations save less per GEMM (20-40 us)
 #: than leaving ``grouped_mm``'s C++ loop for a Python one costs, so small layers never do.
 _LOOP_MIN_WEIGHT = 1 << 19
 
 
-def _probe_onednn_linear():
+@functools.cache
+def _onednn_linear():
     """oneDNN's dense linear (``mkldnn::_linear_pointwise``), or None where this torch lacks it.
 
-    The op is what inductor emits for CPU linears; it is not public API, hence the probe.
+    The op is what inductor emits for CPU linears; it is not public API, hence the probe. It runs
+    at first use, not at import: a oneDNN call at import would fix oneDNN's cache sizes
+    (read from the environment at its first primitive) before ``grape.memory`` can choose them.
     """
     if not torch.backends.mkldnn.is_available():
         return None
@@ -79,9 +91,6 @@ def _probe_onednn_linear():
     except (AttributeError, RuntimeError):
         return None
     return op if torch.equal(probe, torch.full((1, 2), 4.0)) else None
-
-
-_ONEDNN_LINEAR = _probe_onednn_linear()
 
 
 def _probe_grouped_mm():
@@ -112,7 +121,7 @@ def _formulation(x: torch.Tensor, weight: torch.Tensor, rows: int, transposed: b
     - ``mm``: everything else (``torch.mm``, oneDNN for bf16, MKL for fp32).
     """
     if x.dtype == torch.float32:
-        if rows >= 4 and _ONEDNN_LINEAR is not None and weight[0].numel() >= _ONEDNN_MIN_WEIGHT:
+        if rows >= 4 and weight[0].numel() >= _ONEDNN_MIN_WEIGHT and _onednn_linear() is not None:
             return "onednn"
         if rows in _WEIGHT_MAJOR_ROWS and not transposed:
             return "weight_major"
@@ -168,7 +177,7 @@ def _linear_into(
     """``out = x @ W.T + bias`` (``x @ W + bias`` for transposed storage) as formulation ``kind``."""
     w_out_in = weight.t() if transposed else weight
     if kind == "onednn":
-        out.copy_(_ONEDNN_LINEAR(x, w_out_in, bias, "none", [None], ""))
+        out.copy_(_onednn_linear()(x, w_out_in, bias, "none", [None], ""))
         return
     if kind == "weight_major":
         if bias is None:
@@ -229,6 +238,9 @@ def cpu_experts(
     tokens, top_k, experts = problem.tokens, problem.top_k, problem.experts
     if tokens == 0:
         return hidden.new_zeros(0, problem.hidden)
+    native = _native_call(hidden, weights, topk_ids, topk_weights, problem)
+    if native is not None:
+        return native
     flat_ids = topk_ids.reshape(-1)
     if tokens == 1:
         ids = flat_ids.tolist()
@@ -272,6 +284,33 @@ def cpu_experts(
     out = torch.zeros(tokens, problem.hidden, dtype=torch.float32, device=hidden.device)
     out.index_add_(0, pair_token, weighted)
     return out.to(hidden.dtype)
+
+
+def _native_call(
+    hidden: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor, topk_weights: torch.Tensor, problem
+) -> torch.Tensor | None:
+    """The call through the C++ loop (``cpu_native``) on packed weights, or None to run the Python loop.
+
+    The C++ loop needs the packed copies; without them (budget spent, float16, no oneDNN) the
+    per-row-count formulations of :func:`_formulation` run in Python, and so does everything
+    where the extension could not be built. One float32 row against a small (cache-resident)
+    expert runs MKL's GEMV on the plain weight there, as the Python loop's ``weight_major`` /
+    ``mm`` formulations do.
+    """
+    ops = native_ops()
+    if ops is None:
+        return None
+    packed_gate_up, packed_down = _packed(weights, hidden.dtype)
+    if packed_gate_up is None:
+        return None
+    gemv = hidden.dtype == torch.float32 and not weights.transposed
+    return ops.cpu_experts(
+        hidden, topk_ids, topk_weights, problem.experts, packed_gate_up, packed_down, weights.w_gate_up,
+        weights.w_down, gemv and weights.w_gate_up[0].numel() < _PACKED_GEMV_MIN_WEIGHT,
+        gemv and weights.w_down[0].numel() < _PACKED_GEMV_MIN_WEIGHT,
+        weights.gate_up_bias, weights.down_bias, problem.intermediate, weights.interleaved,
+        weights.activation == "gpt_oss", weights.swiglu_alpha, weights.swiglu_limit,
+    )  # fmt: skip
 
 
 def _single_token(

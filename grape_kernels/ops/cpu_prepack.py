@@ -31,6 +31,7 @@ optional ``vllm_cpu`` backend) follow the same rules.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import weakref
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "cached_copy", "packed_linear", "prepack_budget_bytes", "prepacked", "prepacked_bytes", "release_prepacked",
+    "cached_copy", "onednn_packing", "packed_linear", "prepack_budget_bytes", "prepacked", "prepacked_bytes", "release_prepacked",
 ]
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,10 @@ _CACHE: dict[tuple, _Entry] = {}
 _warned_budget = False
 
 
-def _probe_onednn() -> bool:
+@functools.cache
+def onednn_packing() -> bool:
+    """Whether this torch packs and runs oneDNN linear weights (probed at first use, not at import:
+    see ``grape_kernels.ops.cpu._onednn_linear``)."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
@@ -75,9 +79,6 @@ def _probe_onednn() -> bool:
     except (AttributeError, RuntimeError):
         return False
     return torch.equal(out, torch.full((1, 2), 4.0))
-
-
-_ONEDNN = _probe_onednn()
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -154,7 +155,7 @@ def prepacked(weight: torch.Tensor, transposed: bool) -> list[torch.Tensor] | No
     None where packing does not apply (oneDNN missing, a dtype it does not pack, see
     :func:`cached_copy`); the caller then runs the plain weights.
     """
-    if not _ONEDNN or weight.dtype not in _DTYPES:
+    if weight.dtype not in _DTYPES or not onednn_packing():
         return None
 
     def pack(plain: torch.Tensor) -> list[torch.Tensor]:

@@ -3,14 +3,15 @@
 vLLM's CPU build ships one fused kernel for a whole MoE layer (``torch.ops._C.cpu_fused_moe``,
 weights in its own prepacked layout): no per-expert dispatch from Python, which is what bounds
 grape's ``cpu`` backend on small experts. Measured side by side in one process on this
-project's CPU (AVX-512 with bf16 dot products, no AMX, so vLLM's ``vec`` kernel), one thread
-(``benchmarks/RESULTS_vllm_cpu.md``, written by ``benchmarks/results.py`` in the serve venv):
+project's CPU (AVX-512 with bf16 dot products, no AMX, so vLLM's ``vec`` kernel), one thread,
+against grape's ``cpu`` with its C++ loop (``benchmarks/RESULTS_vllm_cpu.md``, written by
+``benchmarks/results.py`` in the serve venv):
 
-- float32: vLLM's kernel is faster at every size and token count (1.1-1.5x grape's ``cpu``);
-- bfloat16: it is faster on small experts at 2-16 tokens (the pruned Mixtral-pydoc layers,
-  256x1024: 1.3x at 16 tokens), slower at one token there (grape's ATen GEMV path is 1.1x
-  faster), a tie on Mixtral-shaped experts at <= 16 tokens, and slower at >= 128 tokens
-  (0.5-0.8x).
+- float32: vLLM's kernel is faster on small experts at every token count (1.1-1.8x grape's
+  ``cpu``: its own GEMV beats oneDNN's per-call cost) and ties on Mixtral-shaped ones;
+- bfloat16: it is faster only for one token on small experts (the pruned Mixtral-pydoc layers,
+  256x1024: about 1.1x), ties there on Mixtral-shaped experts, and is slower from 16 tokens on
+  (0.6-0.9x).
 
 This backend runs vLLM's kernel in the cases it wins (:func:`vllm_wins`) and grape's ``cpu``
 backend otherwise, so ``"auto"`` picks it wherever vLLM's CPU ops import. Its kernel covers
@@ -39,9 +40,8 @@ __all__ = ["vllm_cpu_experts", "vllm_cpu_ops", "vllm_isa", "vllm_wins"]
 
 #: vLLM's CPU kernels need both hidden and intermediate sizes in multiples of this.
 _ALIGNMENT = 32
-#: bfloat16 experts below this many weight elements go to vLLM at 2.._SMALL_BATCH tokens.
+#: bfloat16 experts below this many weight elements go to vLLM for one-token (decode) calls.
 _SMALL_EXPERT = 1 << 21
-_SMALL_BATCH = 16
 
 
 @functools.cache
@@ -60,7 +60,7 @@ def vllm_wins(dtype: torch.dtype, tokens: int, expert_elements: int) -> bool:
     """Whether vLLM's kernel measured faster than grape's ``cpu`` backend for this call."""
     if dtype == torch.float32:
         return True
-    return dtype == torch.bfloat16 and 1 < tokens <= _SMALL_BATCH and expert_elements < _SMALL_EXPERT
+    return dtype == torch.bfloat16 and tokens == 1 and expert_elements < _SMALL_EXPERT
 
 
 def _vllm_runs(hidden: torch.Tensor, weights: ExpertWeights) -> bool:

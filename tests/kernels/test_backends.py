@@ -13,6 +13,7 @@ and computes bfloat16 wrongly.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import pytest
@@ -32,12 +33,16 @@ from grape_kernels import (
 from grape_kernels import backends as backends_module
 from grape_kernels.backends import resolve_backend
 from grape_kernels.ops import reference_route_topk
+from grape_kernels.ops.cpu_native import native_ops
 from grape_kernels.routing import RoutingSpec, kernel_spec
 
 H, I = 32, 24
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
-# Every registered backend that runs on the CPU natively (a new one joins these tests by registering).
+# Every registered backend that runs on the CPU natively (a new one joins these tests by registering),
+# and the cpu backend's Python loop ("cpu-python") where its C++ loop (ops.cpu_native) took its place.
 CPU_BACKENDS = [b for b in available_backends("cpu") if b != "triton"]
+if "cpu" in CPU_BACKENDS and native_ops() is not None:
+    CPU_BACKENDS.append("cpu-python")
 TRITON_HERE = "triton" in available_backends("cpu")
 
 
@@ -118,8 +123,22 @@ def check(out: Tensor, ref: Tensor, dtype: torch.dtype) -> None:
 def run(backend: str, hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, ids: Tensor, weights: Tensor,
         **layout) -> Tensor:
     """``backend`` on one layer; ``layout`` holds the other :class:`ExpertWeights` fields."""
-    with torch.no_grad():
-        return get_backend(backend).load()(hidden, ExpertWeights(w_gate_up, w_down, **layout), ids, weights)
+    call = get_backend(backend.removesuffix("-python")).load()
+    with torch.no_grad(), (python_cpu_loop() if backend == "cpu-python" else contextlib.nullcontext()):
+        return call(hidden, ExpertWeights(w_gate_up, w_down, **layout), ids, weights)
+
+
+@contextlib.contextmanager
+def python_cpu_loop():
+    """The cpu backend with its C++ loop switched off: the path every machine without a compiler runs."""
+    from grape_kernels.ops import cpu as cpu_ops
+
+    saved = cpu_ops.native_ops
+    cpu_ops.native_ops = lambda: None
+    try:
+        yield
+    finally:
+        cpu_ops.native_ops = saved
 
 
 GRID = [(e, k) for e in (1, 2, 3, 5, 8, 13, 64) for k in (1, 2, 4, 8) if k <= e]
@@ -212,7 +231,7 @@ def test_cpu_backend_large_weights_take_every_gemm_formulation(dtype, gpt_oss, p
         (torch.float32, True): {"mm", "onednn"},
         (torch.bfloat16, True): {"mm"},
     }[dtype, gpt_oss]
-    assert cpu_ops._ONEDNN_LINEAR is None or kinds == expected
+    assert cpu_ops._onednn_linear() is None or kinds == expected
     flags, biases = {}, {}
     if gpt_oss:
         flags = dict(activation="gpt_oss", swiglu_limit=1.5, transposed=True, interleaved=True)
@@ -224,7 +243,7 @@ def test_cpu_backend_large_weights_take_every_gemm_formulation(dtype, gpt_oss, p
     check(out, ref, dtype)
     decode = run("cpu", hidden[:1], w1, w2, ids[:1], weights[:1], **biases, **flags)
     check(decode, ref[:1], dtype)
-    assert (cpu_prepack.prepacked_bytes() > 0) == (packing == "packed" and cpu_prepack._ONEDNN)
+    assert (cpu_prepack.prepacked_bytes() > 0) == (packing == "packed" and cpu_prepack.onednn_packing())
     cpu_prepack.release_prepacked()
 
 

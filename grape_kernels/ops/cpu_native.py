@@ -1,0 +1,92 @@
+"""Build and load the C++ experts loop (``cpu_native.cpp``) the CPU backend runs when it can.
+
+The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler
+and ninja are needed; 20-60 s, once per torch version, source and CPU) into torch's extensions
+cache, ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), and loaded from there
+afterwards; torch's file lock makes concurrent first uses build it once.
+It is compiled for the CPU it runs on (``-march=native``) against the torch it runs with, so the
+build folder's name carries a digest of the source, the flags, the torch version and install
+path, the Python version and the CPU's feature flags: a home directory shared by machines of
+different CPUs, or by virtual environments, never loads a build made for another one.
+
+Where it cannot be built (no compiler, a torch without the headers) or is switched off with
+``GRAPE_CPU_NATIVE=0``, :func:`native_ops` returns None, the reason is logged once, and the CPU
+backend runs its Python loop (same method, same results up to float rounding).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["native_ops", "native_unavailable_reason"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_native.cpp")
+_NAME = "grape_cpu_native"
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (what ``-march=native`` compiles for), or the machine name elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _build_directory() -> Path:
+    digest = hashlib.sha256()
+    parts = (_SOURCE.read_bytes(), torch.__version__, torch.__file__, sys.version, " ".join(_FLAGS), _cpu_flags())
+    for part in parts:
+        part = part if isinstance(part, bytes) else part.encode()
+        digest.update(part)
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    return root / f"{_NAME}-{digest.hexdigest()[:16]}"
+
+
+@functools.cache
+def _load() -> tuple[object | None, str | None]:
+    if os.environ.get("GRAPE_CPU_NATIVE", "1") == "0":
+        return None, "switched off by GRAPE_CPU_NATIVE=0"
+    if not torch.backends.mkldnn.is_available():
+        return None, "this torch has no oneDNN"
+    from torch.utils import cpp_extension
+
+    directory = _build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / f"{_NAME}.so").is_file():
+        logger.warning("grape cpu backend: compiling its C++ loop for this machine, once (20-60 s), in %s", directory)
+    try:
+        module = cpp_extension.load(
+            name=_NAME, sources=[str(_SOURCE)], extra_cflags=_FLAGS,
+            build_directory=str(directory), verbose=False,
+        )  # fmt: skip
+    except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as error:
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else error}"
+        logger.warning("grape cpu backend: the C++ loop could not be built (%s); using the Python loop", reason)
+        return None, reason
+    return module, None
+
+
+def native_ops():
+    """The loaded extension (its ``cpu_experts`` function), or None where it cannot be used."""
+    return _load()[0]
+
+
+def native_unavailable_reason() -> str | None:
+    """Why :func:`native_ops` is None (None when it loads)."""
+    return _load()[1]
