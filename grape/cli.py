@@ -324,15 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     Every error reaches the user as one line ``grape <command>: error: ...``; ``--debug`` or
     ``GRAPE_DEBUG=1`` re-raises it with its traceback instead.
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in _CALIBRATING_COMMANDS:
-        # decided from the command's word, before the parser exists: building it imports the
-        # methods and with them grape_kernels, whose import makes the first oneDNN primitive
-        from grape.memory import bound_kernel_caches
-
-        bound_kernel_caches()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in _CALIBRATING_COMMANDS:
+        from grape.memory import bound_kernel_caches
+
+        bound_kernel_caches()  # before the command's first oneDNN matmul (importing makes none)
     debug = args.debug or os.environ.get("GRAPE_DEBUG", "") not in ("", "0")
     func: Callable = args.func
     with _one_line_warnings(), _sigterm_interrupts():

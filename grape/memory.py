@@ -110,12 +110,11 @@ def bound_kernel_caches() -> None:
 
     Per-shape caches grow with depth where the shapes are data-dependent (see the constant).
     PyTorch exposes no call that resizes them; each library reads its environment variable
-    once, when it creates its first primitive, and importing ``grape_kernels`` already creates
-    some (its oneDNN probe). So ``grape prune`` and ``grape sparsify`` call this first
-    (``grape/cli.py``), before anything imports ``grape_kernels``; a Python program calibrating
-    through grape's API calls it before importing grape's other modules. In a process that
-    already made a oneDNN primitive, the caches keep their default size. A size the user set is
-    kept.
+    once, when it creates its first primitive (no grape module makes one at import: the
+    kernels' oneDNN probes run at first use). So ``grape prune`` and ``grape sparsify`` call this
+    once their arguments are parsed (``grape/cli.py``); a Python program calibrating through
+    grape's API calls it before its first matmul. In a process that already made a oneDNN
+    primitive, the caches keep their default size. A size the user set is kept.
     """
     for variable, spellings in _KERNEL_CACHE_VARIABLES.items():
         if not any(name in os.environ for name in spellings):
