@@ -289,27 +289,30 @@ def cpu_experts(
 def _native_call(
     hidden: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor, topk_weights: torch.Tensor, problem
 ) -> torch.Tensor | None:
-    """The call through the C++ loop (``cpu_native``) on packed weights, or None to run the Python loop.
+    """The call through the C++ loop (``cpu_native``), or None to run the Python loop.
 
-    The C++ loop needs the packed copies; without them (budget spent, float16, no oneDNN) the
-    per-row-count formulations of :func:`_formulation` run in Python, and so does everything
-    where the extension could not be built. One float32 row against a small (cache-resident)
-    expert runs MKL's GEMV on the plain weight there, as the Python loop's ``weight_major`` /
-    ``mm`` formulations do.
+    The C++ loop runs oneDNN on the packed copies; without them (budget spent, float16, no
+    oneDNN) the per-row-count formulations of :func:`_formulation` run in Python, and so does
+    everything where the extension could not be built. One row against a small
+    (cache-resident) expert runs a GEMV on the plain weight instead, as the Python loop does;
+    a decode step whose products are all such GEMVs needs no packed copies (nor their checks).
     """
     ops = native_ops()
     if ops is None:
         return None
-    packed_gate_up, packed_down = _packed(weights, hidden.dtype)
-    if packed_gate_up is None:
-        return None
-    gemv = hidden.dtype == torch.float32 and not weights.transposed
+    gemv = not weights.transposed and torch.backends.mkldnn.enabled
+    gemv_gate_up = gemv and weights.w_gate_up[0].numel() < _PACKED_GEMV_MIN_WEIGHT
+    gemv_down = gemv and weights.w_down[0].numel() < _PACKED_GEMV_MIN_WEIGHT
+    if problem.tokens == 1 and gemv_gate_up and gemv_down and hidden.dtype in (torch.float32, torch.bfloat16):
+        packed_gate_up, packed_down = [], []
+    else:
+        packed_gate_up, packed_down = _packed(weights, hidden.dtype)
+        if packed_gate_up is None:
+            return None
     return ops.cpu_experts(
         hidden, topk_ids, topk_weights, problem.experts, packed_gate_up, packed_down, weights.w_gate_up,
-        weights.w_down, gemv and weights.w_gate_up[0].numel() < _PACKED_GEMV_MIN_WEIGHT,
-        gemv and weights.w_down[0].numel() < _PACKED_GEMV_MIN_WEIGHT,
-        weights.gate_up_bias, weights.down_bias, problem.intermediate, weights.interleaved,
-        weights.activation == "gpt_oss", weights.swiglu_alpha, weights.swiglu_limit,
+        weights.w_down, gemv_gate_up, gemv_down, weights.gate_up_bias, weights.down_bias, problem.intermediate,
+        weights.interleaved, weights.activation == "gpt_oss", weights.swiglu_alpha, weights.swiglu_limit,
     )  # fmt: skip
 
 

@@ -50,18 +50,29 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const c1
   return stack[0].toTensor();
 }
 
+// ATen's own bfloat16 GEMV: with oneDNN enabled at::mm hands bfloat16 to oneDNN, whose fixed
+// cost per call dominates on small experts. The only switch is the process-wide user flag; it is
+// restored even when the product throws.
+struct MkldnnOff {
+  bool was;
+  MkldnnOff() : was(at::globalContext().userEnabledMkldnn()) { at::globalContext().setUserEnabledMkldnn(false); }
+  ~MkldnnOff() { at::globalContext().setUserEnabledMkldnn(was); }
+};
+
 // One projection of one expert's rows: x (n, in) -> (n, out), on the packed weight, or for one
-// float32 row with `gemv` set on the plain (E, out, in) weight: MKL's GEMV (what at::mm runs for
-// float32) reads a cache-resident expert 1.5-2x faster than oneDNN's product there, whose fixed
-// cost per call dominates on small weights (measured, one thread: 8 vs 16 us for 256x512).
+// row with `gemv` set on the plain (E, out, in) weight: on a small (cache-resident) expert a
+// GEMV (MKL's for float32, ATen's for bfloat16) beats oneDNN's product, whose fixed cost per
+// call dominates there (measured, one thread: float32 256x512, 8 vs 16 us).
 at::Tensor project(const at::Tensor& x, const std::vector<at::Tensor>& packed, const at::Tensor& plain, bool gemv,
                    const c10::optional<at::Tensor>& bias, int64_t expert) {
   c10::optional<at::Tensor> b;
   if (bias.has_value()) b = bias->select(0, expert);
-  if (gemv && x.size(0) == 1 && x.scalar_type() == at::kFloat) {
+  if (gemv && x.size(0) == 1) {
     const at::Tensor w_in_out = plain.select(0, expert).t();
+    MkldnnOff off;
     return b.has_value() ? at::addmm(*b, x, w_in_out) : at::mm(x, w_in_out);
   }
+  TORCH_CHECK(static_cast<int64_t>(packed.size()) > expert, "no packed weight for expert ", expert);
   return packed_linear(x, packed[expert], b).contiguous();
 }
 
@@ -318,8 +329,6 @@ at::Tensor cpu_experts(const at::Tensor& hidden, const at::Tensor& topk_ids, con
                        const c10::optional<at::Tensor>& gate_up_bias,
                        const c10::optional<at::Tensor>& down_bias, int64_t intermediate, bool interleaved,
                        bool gpt_oss, double alpha, double limit) {
-  TORCH_CHECK(static_cast<int64_t>(packed_gate_up.size()) == experts && static_cast<int64_t>(packed_down.size()) == experts,
-              "one packed weight per expert and projection");
   const at::Tensor x = hidden.contiguous();
   const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
   const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
