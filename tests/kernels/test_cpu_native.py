@@ -23,20 +23,21 @@ from grape_kernels.ops.cpu import cpu_experts
 NATIVE = cpu_native.native_ops() is not None
 
 
-def _oracle(hidden, w_gate_up, w_down, ids, weights, *, gpt_oss: bool, alpha=1.702, limit=7.0):
+def _oracle(hidden, w_gate_up, w_down, ids, weights, *, gpt_oss: bool, alpha=1.702, limit=7.0, biases=None):
     """Per (token, slot) in float64: the expert's gated MLP, weighted and summed."""
     out = torch.zeros(hidden.shape, dtype=torch.float64)
+    gate_up_bias, down_bias = biases or (torch.zeros(w_gate_up.shape[:2]), torch.zeros(w_down.shape[:2]))
     for t in range(hidden.shape[0]):
         for s in range(ids.shape[1]):
             e = int(ids[t, s])
-            gate_up = w_gate_up[e].double() @ hidden[t].double()
+            gate_up = w_gate_up[e].double() @ hidden[t].double() + gate_up_bias[e].double()
             gate, up = gate_up.chunk(2)
             if gpt_oss:
                 gate, up = gate.clamp(max=limit), up.clamp(-limit, limit) + 1
                 h = gate * torch.sigmoid(alpha * gate) * up
             else:
                 h = F.silu(gate) * up
-            out[t] += float(weights[t, s]) * (w_down[e].double() @ h)
+            out[t] += float(weights[t, s]) * (w_down[e].double() @ h + down_bias[e].double())
     return out
 
 
@@ -126,3 +127,24 @@ def test_the_portable_loop_without_avx512_matches_too(tmp_path, monkeypatch):
         tol = 2e-5 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
     cpu_prepack.release_prepacked()
+
+
+@pytest.mark.skipif(not NATIVE, reason="the C++ loop is not built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_gemvs_on_odd_sizes_with_biases(dtype):
+    """One token on small experts runs GEMVs on the plain weights (grape's own AVX-512 one in
+    float32): sizes that fill no vector or row block evenly, with biases, meet the float64 loop."""
+    g = torch.Generator().manual_seed(5)
+    experts, hidden_size, inter = 3, 37, 29
+    w_gate_up = (torch.randn(experts, 2 * inter, hidden_size, generator=g) * 0.2).to(dtype)
+    w_down = (torch.randn(experts, hidden_size, inter, generator=g) * 0.2).to(dtype)
+    biases = (torch.randn(experts, 2 * inter, generator=g).to(dtype), torch.randn(experts, hidden_size, generator=g).to(dtype))
+    hidden = torch.randn(1, hidden_size, generator=g).to(dtype)
+    ids, weights = torch.tensor([[2, 0]]), torch.tensor([[0.7, 0.3]])
+    layer = ExpertWeights(w_gate_up, w_down, gate_up_bias=biases[0], down_bias=biases[1])
+    with torch.no_grad():
+        out = cpu_experts(hidden, layer, ids, weights)
+    assert cpu_prepack.prepacked_bytes() == 0  # the plain-weight GEMVs, no packed copies
+    expected = _oracle(hidden, w_gate_up, w_down, ids, weights, gpt_oss=False, biases=biases)
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
