@@ -33,21 +33,18 @@
 namespace {
 
 // oneDNN's linear on a weight packed by torch.ops.mkldnn._reorder_linear_weight (the op
-// inductor emits for CPU linears; called boxed so no C++ signature of a private op is assumed).
+// inductor emits for CPU linears), called unboxed with its registered C++ signature; a torch
+// whose signature differs fails the first call with the dispatcher's error, which
+// cpu_native.py's self-check turns into a reason and the Python loop.
+using LinearPointwise = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                   std::string_view, c10::List<std::optional<at::Scalar>>,
+                                   std::optional<std::string_view>);
+
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  c10::List<c10::optional<at::Scalar>> scalars;
-  scalars.push_back(c10::nullopt);
-  torch::jit::Stack stack;
-  stack.reserve(6);
-  stack.emplace_back(x);
-  stack.emplace_back(packed);
-  stack.emplace_back(bias.has_value() ? c10::IValue(*bias) : c10::IValue());
-  stack.emplace_back(std::string("none"));
-  stack.emplace_back(scalars);
-  stack.emplace_back(std::string(""));
-  op.callBoxed(&stack);
-  return stack[0].toTensor();
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "").typed<LinearPointwise>();
+  static const c10::List<std::optional<at::Scalar>> no_scalars(std::vector<std::optional<at::Scalar>>{std::nullopt});
+  return op.call(x, packed, bias, "none", no_scalars, std::string_view(""));
 }
 
 // ATen's own bfloat16 GEMV: with oneDNN enabled at::mm hands bfloat16 to oneDNN, whose fixed

@@ -79,7 +79,33 @@ def _load() -> tuple[object | None, str | None]:
         reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else error}"
         logger.warning("grape cpu backend: the C++ loop could not be built (%s); using the Python loop", reason)
         return None, reason
+    try:
+        _self_check(module)
+    except (RuntimeError, AssertionError) as error:  # e.g. a torch whose oneDNN op changed signature
+        reason = f"its self-check failed ({str(error).strip().splitlines()[0]})"
+        logger.warning("grape cpu backend: the C++ loop was built but %s; using the Python loop", reason)
+        return None, reason
     return module, None
+
+
+def _self_check(module) -> None:
+    """One small call through the packed and the GEMV paths against plain torch, once per process."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 8, generator=generator)
+    w_gate_up, w_down = torch.randn(2, 8, 8, generator=generator), torch.randn(2, 8, 4, generator=generator)
+    ids, weights = torch.tensor([[0, 1], [1, 0], [1, 1]]), torch.full((3, 2), 0.5)
+    packed = [[torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weight] for weight in (w_gate_up, w_down)]
+    expected = torch.zeros(3, 8)
+    for token, slot in ((t, s) for t in range(3) for s in range(2)):
+        gate, up = (w_gate_up[ids[token, slot]] @ hidden[token]).chunk(2)
+        expected[token] += 0.5 * (w_down[ids[token, slot]] @ (torch.nn.functional.silu(gate) * up))
+    for rows in (slice(None), slice(0, 1)):  # 3 tokens: oneDNN on the packed weights; 1 token: the GEMVs
+        gemv = rows.stop == 1
+        out = module.cpu_experts(
+            hidden[rows], ids[rows], weights[rows], 2, *packed, w_gate_up, w_down, gemv, gemv, None, None, 4,
+            False, False, 1.702, 7.0,
+        )  # fmt: skip
+        assert torch.allclose(out, expected[rows], rtol=1e-4, atol=1e-4), "wrong results"
 
 
 def native_ops():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import platform
 import shutil
+import types
 
 import pytest
 import torch
@@ -148,3 +149,11 @@ def test_decode_gemvs_on_odd_sizes_with_biases(dtype):
     expected = _oracle(hidden, w_gate_up, w_down, ids, weights, gpt_oss=False, biases=biases)
     tol = 2e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+@pytest.mark.skipif(not NATIVE, reason="the C++ loop is not built here")
+def test_the_self_check_passes_the_build_and_catches_a_wrong_one():
+    cpu_native._self_check(cpu_native.native_ops())
+    wrong = types.SimpleNamespace(cpu_experts=lambda hidden, *args: torch.zeros_like(hidden))
+    with pytest.raises(AssertionError, match="wrong results"):
+        cpu_native._self_check(wrong)
