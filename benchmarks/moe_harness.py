@@ -232,12 +232,13 @@ def evict_caches(buffer: torch.Tensor) -> None:
 def race(calls: dict[str, Callable[[], object]], min_rounds: int, budget_s: float) -> dict[str, float]:
     """Median seconds per call of each callable, timed in interleaved rounds after one warm-up.
 
-    Every timed call starts from the same cache state: a buffer twice the last-level cache is
-    written before it (untimed). Without that, a contender run right after one reading the same
-    weights found them cached: on the pruned model's 31 MB of bfloat16 experts, grape's
-    ``vllm_cpu`` timed 1.75x over transformers where the identical ``cpu`` path, run after
-    ``grouped_mm``, timed 1.40x. Real layers are interleaved with other layers' weights, so
-    cold is the case that matters.
+    Every timed call starts from the same state: right after an untimed call of the same
+    callable (its allocations are then served as in a model running layer after layer), with a
+    buffer twice the last-level cache written in between (its weights are cold, as they are
+    behind other layers' weights in a real model). Without the first step the contender run
+    after ``grouped_mm`` paid for fresh allocations and the next one did not: on the pruned
+    model at 16 tokens the identical ``cpu`` path timed 1.46x or 1.71x over transformers
+    depending on its place in the round.
     """
     clock = timer()
     samples: dict[str, list[float]] = {name: [] for name in calls}
@@ -249,6 +250,7 @@ def race(calls: dict[str, Callable[[], object]], min_rounds: int, budget_s: floa
         rounds = 0
         while rounds < min_rounds or time.perf_counter() - start < budget_s:
             for name, call in calls.items():
+                call()
                 evict_caches(flush)
                 t0 = clock()
                 call()
