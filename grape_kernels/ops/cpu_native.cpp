@@ -296,14 +296,24 @@ void scatter_add(const at::Tensor& y, const int64_t* token, const float* weight,
   });
 }
 
+// One experts layer: its weights in the forms the projections use, and its activation.
+struct Layer {
+  int64_t experts, intermediate;
+  const std::vector<at::Tensor>& packed_gate_up;  // oneDNN-packed per expert (empty: GEMVs only)
+  const std::vector<at::Tensor>& packed_down;
+  const at::Tensor& w_gate_up;  // plain (E, 2I, H), for the one-row GEMVs
+  const at::Tensor& w_down;     // plain (E, H, I)
+  bool gemv_gate_up, gemv_down;
+  const c10::optional<at::Tensor>& gate_up_bias;
+  const c10::optional<at::Tensor>& down_bias;
+  bool interleaved, gpt_oss;
+  float alpha, limit;
+};
+
 template <typename T>
 at::Tensor experts_impl(const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& topk_weights,
-                        int64_t experts, const std::vector<at::Tensor>& packed_gate_up,
-                        const std::vector<at::Tensor>& packed_down, const at::Tensor& w_gate_up,
-                        const at::Tensor& w_down, bool gemv_gate_up, bool gemv_down,
-                        const c10::optional<at::Tensor>& gate_up_bias,
-                        const c10::optional<at::Tensor>& down_bias, int64_t intermediate, bool interleaved,
-                        bool gpt_oss, double alpha, double limit) {
+                        const Layer& layer) {
+  const int64_t experts = layer.experts, intermediate = layer.intermediate;
   const int64_t tokens = hidden.size(0), width = hidden.size(1), top_k = ids.size(1);
   const int64_t pairs = tokens * top_k;
   const int64_t* id = ids.data_ptr<int64_t>();
@@ -347,11 +357,11 @@ at::Tensor experts_impl(const at::Tensor& hidden, const at::Tensor& ids, const a
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t begin = counts[e], rows = counts[e + 1] - begin;
     if (rows == 0) continue;
-    const at::Tensor gate_up = project(gathered.narrow(0, begin, rows), packed_gate_up, w_gate_up, gemv_gate_up,
-                                       gate_up_bias, e);
+    const at::Tensor gate_up = project(gathered.narrow(0, begin, rows), layer.packed_gate_up, layer.w_gate_up,
+                                       layer.gemv_gate_up, layer.gate_up_bias, e);
     at::Tensor h = h_buffer.narrow(0, 0, rows);
-    activate<T>(gate_up, h, interleaved, gpt_oss, static_cast<float>(alpha), static_cast<float>(limit));
-    const at::Tensor y = project(h, packed_down, w_down, gemv_down, down_bias, e);
+    activate<T>(gate_up, h, layer.interleaved, layer.gpt_oss, layer.alpha, layer.limit);
+    const at::Tensor y = project(h, layer.packed_down, layer.w_down, layer.gemv_down, layer.down_bias, e);
     scatter_add<T>(y, pair_token.data() + begin, pair_weight.data() + begin, acc_data, width);
   }
   return acc.to(hidden.scalar_type());
@@ -367,15 +377,13 @@ at::Tensor cpu_experts(const at::Tensor& hidden, const at::Tensor& topk_ids, con
   const at::Tensor x = hidden.contiguous();
   const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
   const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
-  if (x.scalar_type() == at::kBFloat16) {
-    return experts_impl<c10::BFloat16>(x, ids, weights, experts, packed_gate_up, packed_down, w_gate_up, w_down,
-                                       gemv_gate_up, gemv_down, gate_up_bias, down_bias, intermediate, interleaved, gpt_oss, alpha, limit);
-  }
+  const Layer layer{experts,     intermediate,  packed_gate_up, packed_down, w_gate_up,
+                    w_down,      gemv_gate_up,  gemv_down,      gate_up_bias, down_bias,
+                    interleaved, gpt_oss,       static_cast<float>(alpha), static_cast<float>(limit)};
+  if (x.scalar_type() == at::kBFloat16) return experts_impl<c10::BFloat16>(x, ids, weights, layer);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "the native cpu experts path takes float32 or bfloat16, got ",
               x.scalar_type());
-  return experts_impl<float>(x, ids, weights, experts, packed_gate_up, packed_down, w_gate_up, w_down, gemv_gate_up,
-                             gemv_down, gate_up_bias, down_bias,
-                             intermediate, interleaved, gpt_oss, alpha, limit);
+  return experts_impl<float>(x, ids, weights, layer);
 }
 
 }  // namespace

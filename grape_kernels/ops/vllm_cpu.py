@@ -7,11 +7,11 @@ project's CPU (AVX-512 with bf16 dot products, no AMX, so vLLM's ``vec`` kernel)
 against grape's ``cpu`` with its C++ loop (``benchmarks/RESULTS_vllm_cpu.md``, written by
 ``benchmarks/results.py`` in the serve venv):
 
-- float32: vLLM's kernel is faster on small experts at every token count (1.1-1.8x grape's
-  ``cpu``: its own GEMV beats oneDNN's per-call cost) and ties on Mixtral-shaped ones;
-- bfloat16: it is faster only for one token on small experts (the pruned Mixtral-pydoc layers,
-  256x1024: about 1.1x), ties there on Mixtral-shaped experts, and is slower from 16 tokens on
-  (0.6-0.9x).
+- float32: vLLM's kernel is faster on small experts (the pruned Mixtral-pydoc layers: 1.27x
+  grape's ``cpu`` at one token, 1.04-1.08x at 16-128) and on Mixtral-shaped ones at 1-16
+  tokens (1.05-1.10x), and ties from 128 tokens on;
+- bfloat16: grape's ``cpu`` is as fast or faster everywhere (1.0x at one token on
+  Mixtral-shaped experts, 1.1x on small ones, 1.2-2.3x from 16 tokens on).
 
 This backend runs vLLM's kernel in the cases it wins (:func:`vllm_wins`) and grape's ``cpu``
 backend otherwise, so ``"auto"`` picks it wherever vLLM's CPU ops import. Its kernel covers
@@ -40,8 +40,6 @@ __all__ = ["vllm_cpu_experts", "vllm_cpu_ops", "vllm_isa", "vllm_wins"]
 
 #: vLLM's CPU kernels need both hidden and intermediate sizes in multiples of this.
 _ALIGNMENT = 32
-#: bfloat16 experts below this many weight elements go to vLLM for one-token (decode) calls.
-_SMALL_EXPERT = 1 << 21
 
 
 @functools.cache
@@ -56,11 +54,9 @@ def vllm_cpu_ops():
     return ops
 
 
-def vllm_wins(dtype: torch.dtype, tokens: int, expert_elements: int) -> bool:
-    """Whether vLLM's kernel measured faster than grape's ``cpu`` backend for this call."""
-    if dtype == torch.float32:
-        return True
-    return dtype == torch.bfloat16 and tokens == 1 and expert_elements < _SMALL_EXPERT
+def vllm_wins(dtype: torch.dtype) -> bool:
+    """Whether vLLM's kernel measured faster than grape's ``cpu`` backend for this dtype: float32 only."""
+    return dtype == torch.float32
 
 
 def _vllm_runs(hidden: torch.Tensor, weights: ExpertWeights) -> bool:
@@ -85,9 +81,7 @@ def vllm_cpu_experts(
 ) -> torch.Tensor:
     """Routed-experts output (T, H): vLLM's fused kernel where it wins, grape's ``cpu`` elsewhere."""
     ops = vllm_cpu_ops()
-    if ops is None or not _vllm_runs(hidden, weights) or hidden.shape[0] == 0 or (
-        not vllm_wins(hidden.dtype, hidden.shape[0], weights.w_gate_up[0].numel())
-    ):
+    if ops is None or not _vllm_runs(hidden, weights) or hidden.shape[0] == 0 or not vllm_wins(hidden.dtype):
         return cpu_experts(hidden, weights, topk_ids, topk_weights)
     check_experts_inputs(hidden, weights, topk_ids, topk_weights)  # ids too: the kernel trusts them
     if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, topk_weights, weights.w_gate_up, weights.w_down)):

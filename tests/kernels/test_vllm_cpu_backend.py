@@ -28,9 +28,7 @@ def test_status_says_where_it_runs():
 
 def test_rule_follows_the_measurements():
     wins = vllm_cpu_module.vllm_wins
-    assert wins(torch.float32, 1, 8 << 20) and wins(torch.float32, 4096, 1 << 10)
-    assert wins(torch.bfloat16, 1, 1 << 18) and not wins(torch.bfloat16, 2, 1 << 18)
-    assert not wins(torch.bfloat16, 1, 8 << 20) and not wins(torch.float16, 1, 1 << 10)
+    assert wins(torch.float32) and not wins(torch.bfloat16) and not wins(torch.float16)
 
 
 def _case(tokens: int, dtype: torch.dtype, seed: int = 0, hidden_size: int = H):
@@ -59,7 +57,7 @@ def kernel_calls(monkeypatch) -> list[str]:
 @needs_vllm
 @pytest.mark.parametrize(
     ("tokens", "dtype", "path"),
-    [(1, torch.float32, "vllm"), (40, torch.float32, "vllm"), (3, torch.bfloat16, "cpu"), (1, torch.bfloat16, "vllm"),
+    [(1, torch.float32, "vllm"), (40, torch.float32, "vllm"), (3, torch.bfloat16, "cpu"), (1, torch.bfloat16, "cpu"),
      (40, torch.bfloat16, "cpu")],
 )
 def test_each_call_takes_the_measured_faster_path_and_matches_the_oracle(tokens, dtype, path, kernel_calls):
