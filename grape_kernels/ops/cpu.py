@@ -3,7 +3,7 @@
 The method runs in two implementations. On packed weights (``ops.cpu_prepack``: float32 and
 bfloat16 with oneDNN, within the packing budget) it runs in C++ (``ops/cpu_native.cpp``, built
 at first use by ``ops.cpu_native``): the same steps as loops over raw memory plus two oneDNN
-calls per expert, 1.1-1.6x this module's Python loop (``benchmarks/RESULTS.md``, the
+calls per expert, 1.02-1.55x this module's Python loop (``benchmarks/RESULTS.md``, the
 ``grape-cpu-python`` rows). The Python loop below runs everything else (plain weights, float16,
 machines where the extension cannot be built) and is tested on every machine.
 
