@@ -9,7 +9,8 @@ point); the reference is transformers running the checkpoint's own ``modeling_gr
 - fp32: vLLM built every MoE layer with the layer's own count (read from the worker), and its
   greedy tokens are the argmax of transformers' logits at every step (one teacher-forced
   transformers pass checks the whole greedy sequence).
-- bf16: prompt logprobs agree within ``BF16_LOGPROB_TOL``.
+- bf16: prompt logprobs agree within ``BF16_LOGPROB_TOL`` (plus ``MLA_CPU_LOGPROB_TOL`` for the
+  MLA architectures, whose CPU attention already differs by that much in fp32).
 - fp32 with tensor parallelism over two ranks (shared model): the same greedy check.
 
 DeepSeek-V2/V3 use MLA attention, which vLLM's CPU kernels compute differently from transformers
@@ -141,4 +142,6 @@ def test_bf16_prompt_logprobs_agree(case):
         got = _vllm_prompt_logprobs(llm, prompts)
     gap = _max_prompt_logprob_gap(_transformers_logprobs(checkpoint, torch.bfloat16, prompts), got, prompts)
     print(f"{name}: bf16 max |logprob gap| {gap:.4f}")
-    assert gap < BF16_LOGPROB_TOL, f"{name}: bf16 prompt logprobs differ by {gap:.3g} (seed {seed})"
+    # bf16 rounding and MLA's different CPU attention add up (a DeepSeek-V3 case measured 0.27)
+    tolerance = BF16_LOGPROB_TOL + (MLA_CPU_LOGPROB_TOL if name in MLA_ARCHS else 0.0)
+    assert gap < tolerance, f"{name}: bf16 prompt logprobs differ by {gap:.3g} (seed {seed})"
