@@ -36,7 +36,7 @@ import torch
 from transformers.integrations.moe import grouped_mm_experts_forward
 
 from grape_kernels import available_backends, experts_forward
-from grape_kernels.ops.cpu_native import native_ops
+from grape_kernels.ops.cpu_native import native_ops, python_loop_only
 from grape_kernels.ops.cpu_prepack import cached_copy
 from grape_kernels.ops.vllm_cpu import vllm_cpu_ops, vllm_isa
 
@@ -110,13 +110,8 @@ def backends() -> dict[str, ExpertsCall]:
 
 def python_loop(experts: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
     """grape's ``cpu`` backend with its C++ loop off: what a machine without a C++ compiler runs."""
-    from grape_kernels.ops import cpu as cpu_ops
-
-    saved, cpu_ops.native_ops = cpu_ops.native_ops, lambda: None
-    try:
+    with python_loop_only():
         return experts_forward(experts, hidden, ids, weights, backend="cpu")
-    finally:
-        cpu_ops.native_ops = saved
 
 
 def vllm_fused(experts: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):

@@ -16,6 +16,7 @@ backend runs its Python loop (same method, same results up to float rounding).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -23,11 +24,12 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-__all__ = ["native_ops", "native_unavailable_reason"]
+__all__ = ["native_ops", "native_unavailable_reason", "python_loop_only"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +110,25 @@ def _self_check(module) -> None:
         assert torch.allclose(out, expected[rows], rtol=1e-4, atol=1e-4), "wrong results"
 
 
+_python_loop_only = False
+
+
 def native_ops():
-    """The loaded extension (its ``cpu_experts`` function), or None where it cannot be used."""
-    return _load()[0]
+    """The loaded extension (its ``cpu_experts`` function), or None where it cannot be used
+    (or inside :func:`python_loop_only`)."""
+    return None if _python_loop_only else _load()[0]
+
+
+@contextlib.contextmanager
+def python_loop_only() -> Iterator[None]:
+    """Run the cpu backend's Python loop inside the block (process-wide), as a machine without
+    a C++ compiler does: how the tests keep that loop tested and the benchmarks measure it."""
+    global _python_loop_only
+    saved, _python_loop_only = _python_loop_only, True
+    try:
+        yield
+    finally:
+        _python_loop_only = saved
 
 
 def native_unavailable_reason() -> str | None:

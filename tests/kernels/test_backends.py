@@ -33,7 +33,7 @@ from grape_kernels import (
 from grape_kernels import backends as backends_module
 from grape_kernels.backends import resolve_backend
 from grape_kernels.ops import reference_route_topk
-from grape_kernels.ops.cpu_native import native_ops
+from grape_kernels.ops.cpu_native import native_ops, python_loop_only
 from grape_kernels.routing import RoutingSpec, kernel_spec
 
 H, I = 32, 24
@@ -124,21 +124,8 @@ def run(backend: str, hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, ids: Te
         **layout) -> Tensor:
     """``backend`` on one layer; ``layout`` holds the other :class:`ExpertWeights` fields."""
     call = get_backend(backend.removesuffix("-python")).load()
-    with torch.no_grad(), (python_cpu_loop() if backend == "cpu-python" else contextlib.nullcontext()):
+    with torch.no_grad(), (python_loop_only() if backend == "cpu-python" else contextlib.nullcontext()):
         return call(hidden, ExpertWeights(w_gate_up, w_down, **layout), ids, weights)
-
-
-@contextlib.contextmanager
-def python_cpu_loop():
-    """The cpu backend with its C++ loop switched off: the path every machine without a compiler runs."""
-    from grape_kernels.ops import cpu as cpu_ops
-
-    saved = cpu_ops.native_ops
-    cpu_ops.native_ops = lambda: None
-    try:
-        yield
-    finally:
-        cpu_ops.native_ops = saved
 
 
 GRID = [(e, k) for e in (1, 2, 3, 5, 8, 13, 64) for k in (1, 2, 4, 8) if k <= e]
