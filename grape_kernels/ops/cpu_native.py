@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from grape_kernels.ops.cpu_prepack import pack_linear_weight
+
 __all__ = ["native_ops", "native_unavailable_reason", "python_loop_only"]
 
 logger = logging.getLogger(__name__)
@@ -96,7 +98,7 @@ def _self_check(module) -> None:
     hidden = torch.randn(3, 8, generator=generator)
     w_gate_up, w_down = torch.randn(2, 8, 8, generator=generator), torch.randn(2, 8, 4, generator=generator)
     ids, weights = torch.tensor([[0, 1], [1, 0], [1, 1]]), torch.full((3, 2), 0.5)
-    packed = [[torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weight] for weight in (w_gate_up, w_down)]
+    packed = [[pack_linear_weight(w) for w in weight] for weight in (w_gate_up, w_down)]
     expected = torch.zeros(3, 8)
     for token, slot in ((t, s) for t in range(3) for s in range(2)):
         gate, up = (w_gate_up[ids[token, slot]] @ hidden[token]).chunk(2)

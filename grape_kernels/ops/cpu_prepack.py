@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "cached_copy", "onednn_packing", "packed_linear", "prepack_budget_bytes", "prepacked", "prepacked_bytes", "release_prepacked",
+    "cached_copy", "onednn_packing", "pack_linear_weight", "packed_linear", "prepack_budget_bytes", "prepacked", "prepacked_bytes", "release_prepacked",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,11 +74,16 @@ def onednn_packing() -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        weight = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 4), _PACK_ROWS)
+        weight = pack_linear_weight(torch.ones(2, 4))
         out = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 4), weight, None, "none", [None], "")
     except (AttributeError, RuntimeError):
         return False
     return torch.equal(out, torch.full((1, 2), 4.0))
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """One (out, in) weight in oneDNN's blocked layout, as :func:`packed_linear` takes it."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_ROWS)
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -160,7 +165,7 @@ def prepacked(weight: torch.Tensor, transposed: bool) -> list[torch.Tensor] | No
 
     def pack(plain: torch.Tensor) -> list[torch.Tensor]:
         return [
-            torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous() if transposed else w, _PACK_ROWS)
+            pack_linear_weight(w.t().contiguous() if transposed else w)
             for w in plain.unbind(0)
         ]
 
