@@ -47,8 +47,6 @@ def test_cli_refuses_a_bad_size_in_one_line(capsys):
 
 _CLI_THEN_DISTINCT_MATMULS = """
 import ctypes, json, sys
-import grape.memory
-
 from grape.cli import main
 
 status = main(["prune", sys.argv[1], "--method", "frequency", "--experts-ratio", "0.5", "--calib", "c", "--out", sys.argv[2]])
